@@ -1,0 +1,46 @@
+# `make demo` and `make test` work on a fresh machine with only python3 and make.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXTRAS ?= dev
+
+.PHONY: demo test test-slow test-interop bench lint format clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+$(VENV)/.interop: $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,interop]"
+	@touch $@
+
+demo: $(STAMP)
+	$(PY) -m experiments.demo --workdir=results/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-interop: $(VENV)/.interop
+	$(PY) -m pytest -q -m interop
+
+bench: $(VENV)/.interop
+	@for f in experiments/bench_*.py; do \
+	  echo "== $$f"; $(PY) -m experiments.$$(basename $$f .py) --out=results/bench || exit 1; \
+	done
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

@@ -1,0 +1,1 @@
+"""absl entry points, the shared experiment runtime, benchmarks and the demo."""

@@ -1,0 +1,1 @@
+"""Algorithms that act on models: fitting, posteriors, samplers, bases, estimators (no file I/O, no absl)."""

@@ -1,0 +1,1 @@
+"""Adapters to other people's formats: official PyTorch checkpoints, coefficient files."""
