@@ -1,0 +1,63 @@
+r"""The demo: runs the `cpu` preset of every system and writes one report beside the papers' numbers.
+
+    python -m experiments.demo --workdir=results/demo            # what `make demo` runs
+    python -m experiments.demo --workdir=results/demo --systems=scaled_mlp
+
+Each system is a module `experiments/<name>.py` with `run(config, workdir) -> results` and
+`report(results, workdir) -> markdown`, and a config `configs/<name>.py` with a `cpu` preset. Finished runs are
+reused (delete their directory to redo one). The report is `WORKDIR/report.md`, its plots sit beside it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import time
+
+import jax
+from absl import app, flags
+
+# Every system adds itself here when it lands.
+SYSTEMS = ("scaled_mlp",)
+
+flags.DEFINE_string("workdir", "results/demo", "Where the report and every system's run go.")
+flags.DEFINE_list("systems", list(SYSTEMS), "Which systems to run.")
+flags.DEFINE_string("preset", "cpu", "Preset of each system's config.")
+FLAGS = flags.FLAGS
+
+
+def run_system(name: str, root: str, preset: str) -> str:
+    module = importlib.import_module(f"experiments.{name}")
+    config = importlib.import_module(f"configs.{name}").get_config(preset)
+    workdir = os.path.join(root, name)
+    start = time.perf_counter()
+    results = module.run(config, workdir)
+    seconds = time.perf_counter() - start
+    section = module.report(results, workdir)
+    # Plots are written in the system's workdir; the report links them relative to itself.
+    section = section.replace("](./", f"]({name}/")
+    return section + f"\n_{name}: {seconds:.0f} s on this machine (0 s means the finished run was reused)._\n"
+
+
+def main(argv):
+    del argv
+    unknown = [s for s in FLAGS.systems if s not in SYSTEMS]
+    if unknown:
+        raise app.UsageError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    sections = [run_system(name, FLAGS.workdir, FLAGS.preset) for name in FLAGS.systems]
+    header = (
+        "# theorax demo report\n\n"
+        f"Preset `{FLAGS.preset}` of every system, run on {platform.processor() or platform.machine()} "
+        f"with {os.cpu_count()} CPU cores, JAX {jax.__version__} on {jax.default_backend()}. "
+        "Each section sets our numbers beside the paper's and says what differs in the set-up.\n"
+    )
+    path = os.path.join(FLAGS.workdir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n\n".join([header, *sections]))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

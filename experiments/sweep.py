@@ -1,0 +1,124 @@
+r"""Runs every point of a config's `get_sweep()` and gathers their results into one table.
+
+    python -m experiments.sweep --config=configs/scaled_mlp.py:cpu --workdir=results/sweep
+    python -m experiments.sweep --config=configs/scaled_mlp.py:cpu --workdir=DIR --print_commands
+    python -m experiments.sweep --config=configs/scaled_mlp.py:cpu --workdir=DIR --slurm_array=sweep.sbatch
+
+`get_sweep(arg)` (or `get_sweep()`) in the config file returns a list of override dicts, e.g.
+`[{"model.width": 128, "seed": 0}, ...]`. Each point runs as its own process in `DIR/<point name>/` with the
+overrides passed as `--config.key=value` flags, one after another; a finished point is skipped and an
+interrupted one resumes, so rerunning the sweep is safe. Afterwards every point's `results.json` is gathered into
+`DIR/sweep.json` and `DIR/sweep.md`, and the system's `summarize_sweep(rows, workdir)` hook, if it has one (the
+scaling-law fit of the scaled MLPs, say), runs over them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string("config", None, "Config file and preset, as for the entry point: path.py:preset.")
+flags.DEFINE_string("workdir", None, "Sweep directory; one sub-directory per point.")
+flags.DEFINE_bool("print_commands", False, "Print one command per point and exit.")
+flags.DEFINE_string("slurm_array", None, "Write a SLURM array script to this path and exit.")
+flags.DEFINE_bool("gather_only", False, "Only gather the results of finished points.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def load_sweep(config_spec: str) -> tuple[str, str, list[dict]]:
+    """Returns (config path, system name, list of override dicts) for `path.py[:arg]`."""
+    path, _, arg = config_spec.partition(":")
+    if not os.path.exists(path):
+        raise app.UsageError(f"--config={config_spec}: no file {path}")
+    spec = importlib.util.spec_from_file_location("_sweep_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise app.UsageError(f"{path} defines no get_sweep(); nothing to sweep")
+    takes_arg = len(inspect.signature(module.get_sweep).parameters) > 0
+    points = module.get_sweep(arg or None) if takes_arg else module.get_sweep()
+    system = os.path.splitext(os.path.basename(path))[0]
+    return path, system, [dict(p) for p in points]
+
+
+def point_name(overrides: dict) -> str:
+    name = ",".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(overrides.items())) or "base"
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+
+
+def point_command(config_spec: str, system: str, workdir: str, overrides: dict) -> list[str]:
+    cmd = [sys.executable, "-m", f"experiments.{system}", f"--config={config_spec}"]
+    cmd.append(f"--workdir={os.path.join(workdir, point_name(overrides))}")
+    cmd += [f"--config.{k}={v}" for k, v in sorted(overrides.items())]
+    return cmd
+
+
+def gather(system: str, workdir: str, points: list[dict]) -> list[dict]:
+    rows = []
+    for overrides in points:
+        path = os.path.join(workdir, point_name(overrides), "results.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                rows.append({"point": point_name(overrides), **overrides, **json.load(f)})
+    with open(os.path.join(workdir, "sweep.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    scalar_keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, int | float | str)})
+    with open(os.path.join(workdir, "sweep.md"), "w") as f:
+        f.write("| " + " | ".join(scalar_keys) + " |\n|" + "---|" * len(scalar_keys) + "\n")
+        for r in rows:
+            cells = [
+                f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in scalar_keys
+            ]
+            f.write("| " + " | ".join(cells) + " |\n")
+    module = importlib.import_module(f"experiments.{system}")
+    if rows and hasattr(module, "summarize_sweep"):
+        module.summarize_sweep(rows, workdir)
+    print(f"gathered {len(rows)}/{len(points)} points into {workdir}/sweep.md")
+    return rows
+
+
+def main(argv):
+    del argv
+    path, system, points = load_sweep(FLAGS.config)
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    commands = [point_command(FLAGS.config, system, FLAGS.workdir, p) for p in points]
+    if FLAGS.print_commands:
+        for cmd in commands:
+            print(shlex.join(cmd))
+        return
+    if FLAGS.slurm_array:
+        lines = [
+            "#!/bin/bash",
+            f"#SBATCH --array=0-{len(commands) - 1}",
+            f"#SBATCH --job-name=theorax-{system}",
+            "set -euo pipefail",
+            f"cd {shlex.quote(os.getcwd())}",
+            "case $SLURM_ARRAY_TASK_ID in",
+        ]
+        lines += [f"  {i}) {shlex.join(c)} ;;" for i, c in enumerate(commands)]
+        lines += ["esac", ""]
+        with open(FLAGS.slurm_array, "w") as f:
+            f.write("\n".join(lines))
+        print(f"wrote {FLAGS.slurm_array}: sbatch it, then rerun with --gather_only")
+        return
+    if not FLAGS.gather_only:
+        for i, (overrides, cmd) in enumerate(zip(points, commands, strict=True)):
+            done = os.path.exists(os.path.join(FLAGS.workdir, point_name(overrides), "results.json"))
+            print(f"[{i + 1}/{len(points)}] {point_name(overrides)}" + (" (done)" if done else ""))
+            if not done:
+                subprocess.run(cmd, check=True)
+    gather(system, FLAGS.workdir, points)
+
+
+if __name__ == "__main__":
+    app.run(main)
