@@ -37,7 +37,10 @@ def run_system(name: str, root: str, preset: str) -> str:
     section = module.report(results, workdir)
     # Plots are written in the system's workdir; the report links them relative to itself.
     section = section.replace("](./", f"]({name}/")
-    return section + f"\n_{name}: {seconds:.0f} s on this machine (0 s means the finished run was reused)._\n"
+    return (
+        section
+        + f"\n_{name}: {seconds:.0f} s on this machine (0 s means the finished run was reused)._\n"
+    )
 
 
 def main(argv):

@@ -98,9 +98,7 @@ def initialize_distributed(
 
 def data_mesh() -> jax.sharding.Mesh:
     """A 1-D mesh named `data` over every device of every process."""
-    return jax.make_mesh(
-        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
@@ -409,7 +407,7 @@ def train(
 
 def main(run: Callable[[Any, str], Mapping[str, Any]]) -> None:
     """The absl entry point of `experiments/<system>.py`: flags, multi-host start-up, clear errors."""
-    from absl import app, flags
+    from absl import app, flags, logging
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file(
@@ -425,6 +423,7 @@ def main(run: Callable[[Any, str], Mapping[str, Any]]) -> None:
     def _main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
         initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         try:
             results = run(FLAGS.config, FLAGS.workdir)
@@ -434,5 +433,4 @@ def main(run: Callable[[Any, str], Mapping[str, Any]]) -> None:
         if is_main_process() and results is not None:
             print(json.dumps(_jsonable(dict(results)), indent=1, sort_keys=True)[:4000])
 
-    jax.config.parse_flags_with_absl()
     app.run(_main)

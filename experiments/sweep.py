@@ -26,7 +26,9 @@ import sys
 
 from absl import app, flags
 
-flags.DEFINE_string("config", None, "Config file and preset, as for the entry point: path.py:preset.")
+flags.DEFINE_string(
+    "config", None, "Config file and preset, as for the entry point: path.py:preset."
+)
 flags.DEFINE_string("workdir", None, "Sweep directory; one sub-directory per point.")
 flags.DEFINE_bool("print_commands", False, "Print one command per point and exit.")
 flags.DEFINE_string("slurm_array", None, "Write a SLURM array script to this path and exit.")
@@ -72,12 +74,15 @@ def gather(system: str, workdir: str, points: list[dict]) -> list[dict]:
                 rows.append({"point": point_name(overrides), **overrides, **json.load(f)})
     with open(os.path.join(workdir, "sweep.json"), "w") as f:
         json.dump(rows, f, indent=1)
-    scalar_keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, int | float | str)})
+    scalar_keys = sorted(
+        {k for r in rows for k, v in r.items() if isinstance(v, int | float | str)}
+    )
     with open(os.path.join(workdir, "sweep.md"), "w") as f:
         f.write("| " + " | ".join(scalar_keys) + " |\n|" + "---|" * len(scalar_keys) + "\n")
         for r in rows:
             cells = [
-                f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in scalar_keys
+                f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, ""))
+                for k in scalar_keys
             ]
             f.write("| " + " | ".join(cells) + " |\n")
     module = importlib.import_module(f"experiments.{system}")
@@ -113,7 +118,9 @@ def main(argv):
         return
     if not FLAGS.gather_only:
         for i, (overrides, cmd) in enumerate(zip(points, commands, strict=True)):
-            done = os.path.exists(os.path.join(FLAGS.workdir, point_name(overrides), "results.json"))
+            done = os.path.exists(
+                os.path.join(FLAGS.workdir, point_name(overrides), "results.json")
+            )
             print(f"[{i + 1}/{len(points)}] {point_name(overrides)}" + (" (done)" if done else ""))
             if not done:
                 subprocess.run(cmd, check=True)

@@ -1,0 +1,192 @@
+r"""Train-step throughput of a scaled MLP beside PyTorch (eager and torch.compile), in one process run.
+
+    python -m experiments.bench_scaled_mlp --out=results/bench            # B-6/Wi-512, 32x32x3, batch 256
+    python -m experiments.bench_scaled_mlp --model=B-12/Wi-1024 --res=64 --batch=1024
+
+Measures, all float32 on whatever JAX and torch run on here:
+* the machine's float32 matmul rate (best of a large square matmul in JAX and in torch);
+* our jitted train step with the full recipe (random-resized crops, flips, mixup 0.8, label smoothing, Lion),
+  and without augmentation, to price the augmentation;
+* the same model and optimiser (the official module layout, Lion) in PyTorch eager and under torch.compile,
+  fed already-augmented batches (their crops happen in FFCV's loader officially, so they are not timed).
+Training FLOPs per image are 6 x forward MACs (forward 2, backward 4). Writes `OUT/scaled_mlp.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from inference import scaled_mlp_training as recipe_lib
+from models.scaled_mlp import ScaledMLP, forward_flops, parse_architecture
+
+flags.DEFINE_string("out", "results/bench", "Directory for scaled_mlp.json.")
+flags.DEFINE_string("model", "B-6/Wi-512", "Architecture.")
+flags.DEFINE_integer("res", 32, "Image resolution (3 channels).")
+flags.DEFINE_integer("batch", 256, "Batch size.")
+flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
+flags.DEFINE_integer("repeats", 3, "Repeats; the best is reported.")
+flags.DEFINE_bool("torch", True, "Also time the PyTorch peers.")
+FLAGS = flags.FLAGS
+
+
+def best_time(fn, steps: int, repeats: int) -> float:
+    """Seconds per call: best over `repeats` of the mean over `steps` calls (fn blocks on its result)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best
+
+
+def matmul_rate(n: int = 2048) -> dict:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    mm = jax.jit(lambda a: a @ a)
+    t = best_time(lambda: mm(a).block_until_ready(), 5, 3)
+    rates = {"jax": 2 * n**3 / t}
+    try:
+        import torch
+
+        x = torch.randn(n, n)
+        rates["torch"] = 2 * n**3 / best_time(lambda: x @ x, 5, 3)
+    except ImportError:
+        pass
+    return rates
+
+
+def jax_step_time(model, params, images, labels, augment: bool) -> float:
+    recipe = recipe_lib.Recipe(
+        res=FLAGS.res,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        augment=augment,
+        mixup_alpha=0.8 if augment else 0.0,
+    )
+    optimizer = recipe_lib.make_optimizer("lion", 5e-5)
+    step = recipe_lib.make_train_step(model, optimizer, recipe, jax.random.key(1))
+    state = {"params": params, "opt_state": optimizer.init(params)}
+    state = jax.tree.map(jnp.copy, state)
+    holder = {"state": state, "i": 0}
+
+    def one():
+        holder["state"], m = step(holder["state"], images, labels, np.int32(holder["i"]))
+        holder["i"] += 1
+        m["loss"].block_until_ready()
+
+    return best_time(one, FLAGS.steps, FLAGS.repeats)
+
+
+def torch_step_times(depth, width, expansion, num_classes, images, labels) -> dict:
+    import torch
+
+    from experiments.torch_peers import TorchBottleneckMLP, TorchLion
+
+    torch.manual_seed(0)
+    x = torch.from_numpy(np.asarray(images, np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(np.asarray(labels, np.int64))
+    out = {}
+    for mode in ("eager", "compile"):
+        model = TorchBottleneckMLP(3 * FLAGS.res**2, width, depth, num_classes, expansion)
+        opt = TorchLion(model.parameters(), lr=5e-5)
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.3)
+
+        def train_step(model=model, opt=opt, loss_fn=loss_fn):
+            lam = 0.7
+            xm = lam * x + (1 - lam) * torch.roll(x, 1, 0)
+            logits = model(xm)
+            loss = lam * loss_fn(logits, y) + (1 - lam) * loss_fn(logits, torch.roll(y, 1, 0))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss
+
+        fn = torch.compile(train_step) if mode == "compile" else train_step
+        try:
+            start = time.perf_counter()
+            fn()
+            out[f"torch_{mode}_first_call_s"] = time.perf_counter() - start
+            out[f"torch_{mode}_step_s"] = best_time(fn, FLAGS.steps, FLAGS.repeats)
+        except Exception as e:  # noqa: BLE001 - a broken torch.compile toolchain is reported, not fatal
+            out[f"torch_{mode}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return out
+
+
+def main(argv):
+    del argv
+    depth, width, expansion = parse_architecture(FLAGS.model)
+    num_classes, b, res = 10, FLAGS.batch, FLAGS.res
+    macs = forward_flops(depth, width, num_classes, 3 * res * res, expansion)
+    train_flops = 6 * macs * b
+    rng = np.random.default_rng(0)
+    images_np = rng.integers(0, 256, (b, res, res, 3)).astype(np.uint8)
+    labels_np = rng.integers(0, num_classes, (b,)).astype(np.int32)
+    images, labels = jnp.asarray(images_np), jnp.asarray(labels_np)
+
+    model = ScaledMLP(num_classes, depth, width, expansion, input_shape=(res, res, 3))
+    params = model.init(jax.random.key(0), jnp.zeros((1, res, res, 3)))
+    peak = matmul_rate()
+    machine_rate = max(peak.values())
+    t_full = jax_step_time(model, params, images, labels, augment=True)
+    t_plain = jax_step_time(model, params, images, labels, augment=False)
+    result = {
+        "model": FLAGS.model,
+        "res": res,
+        "batch": b,
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "train_flops_per_step": train_flops,
+        "matmul_flops_per_s": peak,
+        "jax_full_recipe_step_s": t_full,
+        "jax_no_augment_step_s": t_plain,
+        "jax_images_per_s": b / t_full,
+        "jax_fraction_of_matmul_rate": train_flops / t_full / machine_rate,
+        "augmentation_cost_fraction": 1 - t_plain / t_full,
+    }
+    if FLAGS.torch:
+        result |= torch_step_times(depth, width, expansion, num_classes, images_np, labels_np)
+        for mode in ("eager", "compile"):
+            if f"torch_{mode}_step_s" in result:
+                result[f"speedup_vs_torch_{mode}"] = result[f"torch_{mode}_step_s"] / t_full
+
+    os.makedirs(FLAGS.out, exist_ok=True)
+    path = os.path.join(FLAGS.out, "scaled_mlp.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(
+        f"\n{FLAGS.model} train step, {res}x{res}x3, batch {b}, float32, {jax.default_backend()}:"
+    )
+    print(
+        f"  machine matmul rate   {machine_rate / 1e9:8.1f} GFLOP/s  ({', '.join(f'{k} {v / 1e9:.1f}' for k, v in peak.items())})"
+    )
+    print(
+        f"  theorax (full recipe) {t_full * 1e3:8.1f} ms/step  {b / t_full:8.0f} img/s  "
+        f"{train_flops / t_full / 1e9:6.1f} GFLOP/s = {100 * result['jax_fraction_of_matmul_rate']:.0f}% of matmul rate"
+    )
+    print(
+        f"  theorax (no augment)  {t_plain * 1e3:8.1f} ms/step  augmentation costs "
+        f"{100 * result['augmentation_cost_fraction']:.1f}% of the step"
+    )
+    for mode in ("eager", "compile"):
+        if f"torch_{mode}_step_s" in result:
+            t = result[f"torch_{mode}_step_s"]
+            print(
+                f"  torch {mode:8s}        {t * 1e3:8.1f} ms/step  {b / t:8.0f} img/s  -> theorax is "
+                f"{result[f'speedup_vs_torch_{mode}']:.2f}x"
+            )
+        elif f"torch_{mode}_error" in result:
+            print(f"  torch {mode:8s}        failed: {result[f'torch_{mode}_error']}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
