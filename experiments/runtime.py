@@ -433,4 +433,18 @@ def main(run: Callable[[Any, str], Mapping[str, Any]]) -> None:
         if is_main_process() and results is not None:
             print(json.dumps(_jsonable(dict(results)), indent=1, sort_keys=True)[:4000])
 
-    app.run(_main)
+    def _parse(argv):
+        try:
+            return FLAGS(argv)
+        except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+            lines = [
+                line.strip() for line in str(e).replace("\\n", "\n").splitlines() if line.strip()
+            ]
+            message = lines[-1] if any("Traceback" in line for line in lines) else " ".join(lines)
+            if len(message) > 1 and message[0] == message[-1] == "'":
+                message = message[1:-1]
+            message = message.replace("\\'", "'")
+            print(f"error: bad command line: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(_main, flags_parser=_parse)

@@ -1,0 +1,200 @@
+"""The experiment runtime end to end: resume after SIGKILL, device/process-count invariance, non-finite
+losses, config errors, finished runs, sweeps. Entry points run as real subprocesses where that matters."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import serialization
+
+from configs import scaled_mlp as scaled_mlp_config
+from experiments import runtime, sweep
+from experiments import scaled_mlp as scaled_mlp_experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SGD = ("--config.optim.name=sgd", "--config.optim.lr=0.05")
+
+
+def launch(workdir, *overrides, devices=4, extra_env=None, wait=True):
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.scaled_mlp",
+        "--config=configs/scaled_mlp.py:smoke",
+        f"--workdir={workdir}",
+        *overrides,
+    ]
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), **(extra_env or {})}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return out, err
+
+
+def params(workdir):
+    with open(os.path.join(workdir, "params.msgpack"), "rb") as f:
+        return serialization.msgpack_restore(f.read())
+
+
+def assert_trees(a, b, **tol):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    steps = ("--config.num_steps=60", "--config.checkpoint_every=10")
+    launch(tmp_path / "full", *steps)
+    killed = tmp_path / "killed"
+    proc = launch(killed, *steps, wait=False)
+    ckpts = killed / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+        ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
+    ):
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere inside the training loop, possibly inside a save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists()
+    # Every checkpoint left behind loads, and the newest one is a real step.
+    manager = runtime.Checkpointer(str(ckpts), every_steps=10)
+    assert manager.latest_step is not None and manager.latest_step % 10 == 0
+    manager.close()
+    launch(killed, *steps)  # the same command resumes
+    assert_trees(params(killed), params(tmp_path / "full"), rtol=0, atol=0)
+    rows = [json.loads(line) for line in open(killed / "metrics.jsonl")]
+    logged = [r["step"] for r in rows if "loss" in r]
+    assert logged == sorted(set(logged)), "metrics past the resumed checkpoint were not dropped"
+
+    # A finished run is not redone: results.json stays as it was.
+    before = os.path.getmtime(tmp_path / "full" / "results.json")
+    out, _ = launch(tmp_path / "full", *steps)
+    assert os.path.getmtime(tmp_path / "full" / "results.json") == before
+    assert "test_top1" in out
+
+
+def test_one_device_equals_four_devices_equals_two_processes(tmp_path):
+    launch(tmp_path / "four", *SGD, devices=4)
+    launch(tmp_path / "one", *SGD, devices=1)
+    assert_trees(params(tmp_path / "one"), params(tmp_path / "four"), rtol=1e-4, atol=1e-5)
+
+    port = free_port()
+    procs = [
+        launch(
+            tmp_path / "multi",
+            *SGD,
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            devices=2,
+            wait=False,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    assert_trees(params(tmp_path / "multi"), params(tmp_path / "four"), rtol=1e-4, atol=1e-5)
+    four = json.load(open(tmp_path / "four" / "results.json"))
+    multi = json.load(open(tmp_path / "multi" / "results.json"))
+    assert abs(four["test_top1"] - multi["test_top1"]) < 1e-6
+
+
+def test_unknown_config_key_fails_with_one_clear_line(tmp_path):
+    proc = launch(tmp_path / "bad", "--config.model.nam=B-2/Wi-8", wait=False)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "nam" in err and "Traceback" not in err
+
+
+def test_bad_config_values_are_rejected_before_work(tmp_path):
+    for key, value, match in (
+        ("model", {"name": "B-2/Wide-32"}, "model.name"),
+        ("optim", {"name": "adam"}, "optim.name"),
+        (None, {"batch_size": 0}, "batch_size"),
+        ("recipe", {"crop_scale": (0.5, 2.0)}, "crop_scale"),
+    ):
+        config = scaled_mlp_config.get_config("smoke")
+        (config if key is None else config[key]).update(value)
+        with pytest.raises(runtime.ConfigError, match=match):
+            scaled_mlp_experiment.run(config, str(tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+    with pytest.raises(ValueError, match="unknown preset"):
+        scaled_mlp_config.get_config("laptop")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    wd = runtime.Workdir(str(tmp_path), None)
+    state = {"w": jnp.zeros(3)}
+
+    @jax.jit
+    def step_fn(state, step):
+        loss = jnp.where(step >= 12, jnp.nan, 1.0 / (step + 1))
+        return {"w": state["w"] + 1.0}, {"loss": loss}
+
+    with pytest.raises(runtime.NonFiniteError, match="step 13"):
+        runtime.train(
+            wd,
+            state,
+            lambda s, i: step_fn(s, np.int32(i)),
+            num_steps=30,
+            checkpoint_every=5,
+            log_every=1,
+        )
+    ckpt = wd.checkpointer(5)
+    assert ckpt.latest_step == 10
+    restored, step = ckpt.restore(state)
+    np.testing.assert_array_equal(restored["w"], 10.0)
+
+
+def test_non_finite_training_run_reports_error(tmp_path):
+    config = scaled_mlp_config.get_config("smoke")
+    config.optim.name, config.optim.lr = "sgd", 1e12
+    with pytest.raises(runtime.NonFiniteError, match="non-finite"):
+        scaled_mlp_experiment.run(config, str(tmp_path))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_sweep_commands_gather_and_scaling_fit(tmp_path):
+    points = scaled_mlp_config.get_sweep()
+    _, system, loaded = (
+        sweep.load_sweep("configs/scaled_mlp.py:cpu")
+        if os.getcwd() == ROOT
+        else sweep.load_sweep(os.path.join(ROOT, "configs/scaled_mlp.py") + ":cpu")
+    )
+    assert system == "scaled_mlp" and loaded == points
+    cmd = sweep.point_command("configs/scaled_mlp.py:cpu", system, str(tmp_path), points[0])
+    assert cmd[1:3] == ["-m", "experiments.scaled_mlp"]
+    assert any(c.startswith("--config.model.name=") for c in cmd)
+    # Fake finished points following a known law; the gather fits it back.
+    for i, p in enumerate(points):
+        d = tmp_path / sweep.point_name(p)
+        d.mkdir()
+        compute = 1e12 * 3.0**i
+        err = 0.5 * (1 + compute / 1e12) ** -0.3 + 0.05
+        json.dump(
+            {"compute_flops": compute, "test_top1": 1 - err, "model": p["model.name"]},
+            open(d / "results.json", "w"),
+        )
+    rows = sweep.gather(system, str(tmp_path), points)
+    assert len(rows) == len(points)
+    fit = json.load(open(tmp_path / "scaling_law.json"))
+    assert abs(fit["alpha"] - 0.3) < 0.05
+    assert (tmp_path / "scaling_law.png").exists() and (tmp_path / "sweep.md").exists()
