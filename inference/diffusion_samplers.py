@@ -1,0 +1,411 @@
+"""Multistep diffusion ODE samplers as one compiled scan: DDIM, DPM-Solver++ (2M / 3M), UniPC and DC.
+
+Every solver here is linear in its state and its buffered data predictions m_j = x0_theta(x_j, t_j): a step from
+t_i to t_{i+1} is
+
+    x~_{i+1}   = a_i x_i + sum_j P_ij m_j                              (predictor)
+    x_{i+1}    = a_i x_i + sum_j C_ij m_j + c_i x0_theta(x~_{i+1}, t_{i+1})   (corrector, UniPC only)
+
+with coefficients that depend on the time grid alone. A `Plan` holds them: it is built once on the host in
+float64 numpy (`make_plan`), and the device runs a `lax.scan` over steps whose body is the same for every solver
+(`run`). Dynamic compensation (DC-Solver, Zhao et al. 2024, Sec. 3.2; reference/dc_solver.md Sec. 1.5) replaces
+the newest buffered prediction by a Lagrange interpolant before each predictor; its ratios are a traced array,
+so new ratios never recompile.
+
+The buffer holds M = max(order, 3) predictions, oldest first (slot M - 1 is the newest, m_{s0} of the notes).
+Three are kept even for order 1 or 2 so that DC (which interpolates the last 3) works for every order, as the
+diffusers `DCSolverMultistepScheduler` does; the official LDM code keeps `order` entries, so order 2 there means
+no DC at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import diffusion
+
+SOLVERS = ("ddim", "dpmsolver++", "unipc", "dc")
+VARIANTS = ("bh1", "bh2")
+DPM_SOLVER_TYPES = ("midpoint", "heun")
+
+
+class Guidance(NamedTuple):
+    """Classifier-free guidance: eps = eps(x, t, None) + scale (eps(x, t, labels) - eps(x, t, None)).
+
+    Attributes:
+      labels: integer conditions of the batch, shape (B,) (or anything `eps_fn` accepts as its 3rd argument).
+      scale: the guidance scale w (1 = the conditional model); a traced scalar, so changing it never
+        recompiles.
+    """
+
+    labels: jax.Array
+    scale: jax.Array | float
+
+
+class Plan(NamedTuple):
+    """The per-step coefficients of a multistep sampler on a fixed time grid (see the module docstring).
+
+    Shapes: ts, alphas, sigmas (nfe + 1,); every other field has leading axis nfe (one row per step).
+    `dc_times` (nfe, 3) are (t_i, t_{i-1}, t_{i-2}), the abscissae of the compensation at step i, and
+    `dc_valid` marks the steps where three predictions are buffered (i >= 2).
+    """
+
+    ts: np.ndarray
+    alphas: np.ndarray
+    sigmas: np.ndarray
+    pred_x: np.ndarray  # (nfe,)
+    pred_m: np.ndarray  # (nfe, M)
+    corr_m: np.ndarray  # (nfe, M)
+    corr_new: np.ndarray  # (nfe,)
+    corrector: np.ndarray  # (nfe,) 1.0 where the corrector runs
+    dc_times: np.ndarray  # (nfe, 3)
+    dc_valid: np.ndarray  # (nfe,) bool
+    orders: np.ndarray  # (nfe,) int, for inspection
+
+    @property
+    def nfe(self) -> int:
+        return int(self.pred_x.shape[0])
+
+
+# --------------------------------------------------------------------------------- coefficients
+
+
+def _unit(m: int, slot: int) -> np.ndarray:
+    e = np.zeros(m)
+    e[slot] = 1.0
+    return e
+
+
+def unipc_coefficients(lam: np.ndarray, alpha_t: float, i: int, order: int, variant: str, m: int):
+    """UniP-p and UniC-p in data-prediction form with B(h) = bh1 / bh2 (UniPC, Zhao et al. 2023, Alg. 2).
+
+    With h = lambda_{t} - lambda_{s0}, hh = -h, r_k = (lambda_{s_k} - lambda_{s0}) / h (k < p), r_p = 1,
+    D_k = (m_{s_k} - m_{s0}) / r_k, h phi_1 = expm1(hh), g_1 = h phi_1 / hh - 1, b_i = g_i i! / B(h),
+    g_{i+1} = g_i / hh - 1 / (i + 1)!, R = Vandermonde(r):
+
+        x~_t = (sigma_t / sigma_s0) x - alpha_t h phi_1 m_s0 - alpha_t B(h) sum_k rho^p_k D_k
+        x_t  = (sigma_t / sigma_s0) x - alpha_t h phi_1 m_s0 - alpha_t B(h) (sum_k rho^c_k D_k
+                                                                    + rho^c_p (m_t - m_s0))
+
+    rho^p = [0.5] for p = 2 (hard-coded, as the official code), R[:-1, :-1]^-1 b[:-1] for p >= 3;
+    rho^c = [0.5] for p = 1, R^-1 b otherwise (reference/dc_solver.md Sec. 1.3).
+
+    Args:
+      lam: lambda at every grid point (nfe + 1,).
+      alpha_t: alpha at t_{i+1}.
+      i: the step (from t_i to t_{i+1}).
+      order: p, at most i + 1.
+      variant: "bh1" (B(h) = hh) or "bh2" (B(h) = expm1(hh)).
+      m: buffer size (slot m - 1 holds m_{s0}).
+
+    Returns:
+      (predictor coefficients (m,), corrector coefficients (m,), corrector weight of m_t).
+    """
+    h = lam[i + 1] - lam[i]
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1.0
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    rks = [(lam[i - k] - lam[i]) / h for k in range(1, order)] + [1.0]
+    rks = np.asarray(rks)
+    rows, b, factorial = [], [], 1
+    for j in range(1, order + 1):
+        rows.append(rks ** (j - 1))
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= j + 1
+        h_phi_k = h_phi_k / hh - 1.0 / factorial
+    vander, b = np.stack(rows), np.asarray(b)
+
+    newest = _unit(m, m - 1)
+    base = -alpha_t * h_phi_1 * newest
+    diffs = [(_unit(m, m - 1 - k) - newest) / rks[k - 1] for k in range(1, order)]
+
+    pred = base.copy()
+    if order >= 2:
+        rhos_p = np.array([0.5]) if order == 2 else np.linalg.solve(vander[:-1, :-1], b[:-1])
+        pred -= alpha_t * b_h * sum(r * d for r, d in zip(rhos_p, diffs, strict=True))
+    rhos_c = np.array([0.5]) if order == 1 else np.linalg.solve(vander, b)
+    corr = base.copy()
+    if order >= 2:
+        corr -= alpha_t * b_h * sum(r * d for r, d in zip(rhos_c[:-1], diffs, strict=True))
+    corr += alpha_t * b_h * rhos_c[-1] * newest  # - alpha B rho_p (m_t - m_s0): the m_s0 part
+    return pred, corr, -alpha_t * b_h * rhos_c[-1]
+
+
+def dpm_solver_pp_coefficients(
+    lam: np.ndarray, alpha_t: float, i: int, order: int, solver_type: str, m: int
+) -> np.ndarray:
+    """Multistep DPM-Solver++ (Lu et al. 2022b, Alg. 2; diffusers' `DPMSolverMultistepScheduler`).
+
+    h = lambda_t - lambda_s0, r0 = (lambda_s0 - lambda_s1) / h, r1 = (lambda_s1 - lambda_s2) / h:
+
+        1st order (DDIM): x_t = (sigma_t / sigma_s0) x - alpha_t (e^-h - 1) m0
+        2M midpoint:      ... - 1/2 alpha_t (e^-h - 1) D1,            D1 = (m0 - m1) / r0
+        2M heun:          ... + alpha_t ((e^-h - 1) / h + 1) D1
+        3M:               ... + alpha_t ((e^-h - 1) / h + 1) D1 - alpha_t ((e^-h - 1 + h) / h^2 - 1/2) D2,
+                          D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1)
+
+    Returns the coefficients (m,) of the buffered predictions (slot m - 1 = m0).
+    """
+    h = lam[i + 1] - lam[i]
+    em1 = math.expm1(-h)
+    e0, e1, e2 = _unit(m, m - 1), _unit(m, m - 2), _unit(m, m - 3)
+    coef = -alpha_t * em1 * e0
+    if order == 1:
+        return coef
+    r0 = (lam[i] - lam[i - 1]) / h
+    d1_0 = (e0 - e1) / r0
+    if order == 2:
+        if solver_type == "midpoint":
+            return coef - 0.5 * alpha_t * em1 * d1_0
+        return coef + alpha_t * (em1 / h + 1.0) * d1_0
+    r1 = (lam[i - 1] - lam[i - 2]) / h
+    d1_1 = (e1 - e2) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    return coef + alpha_t * (em1 / h + 1.0) * d1 - alpha_t * ((em1 + h) / h**2 - 0.5) * d2
+
+
+def step_orders(solver: str, nfe: int, order: int, lower_order_final: bool) -> list[int]:
+    """The order of each step: warm-up min(order, i + 1), then the lower-order final steps.
+
+    UniPC / DC: min(order, nfe - i) when `lower_order_final` (the official LDM code and diffusers' UniPC).
+    DPM-Solver++: order 1 on the last step and at most 2 on the one before, only when nfe < 15, as diffusers'
+    `DPMSolverMultistepScheduler` does.
+    """
+    orders = []
+    for i in range(nfe):
+        p = min(order, i + 1)
+        if lower_order_final and (solver in ("unipc", "dc") or nfe < 15):
+            p = min(p, nfe - i)
+        orders.append(p)
+    return orders
+
+
+def make_plan(
+    schedule: diffusion.VPSchedule,
+    ts: np.ndarray,
+    *,
+    solver: str,
+    order: int = 3,
+    variant: str = "bh1",
+    dpm_solver_type: str = "midpoint",
+    lower_order_final: bool = True,
+    use_corrector: bool = True,
+    disable_corrector: tuple[int, ...] = (),
+) -> Plan:
+    """Builds the coefficients of `solver` on the time grid `ts` (float64 numpy, on the host).
+
+    Args:
+      schedule: the VP schedule (alpha, sigma, lambda at the grid points).
+      ts: the time grid, decreasing, shape (nfe + 1,) (see `models.diffusion.time_steps`).
+      solver: one of `SOLVERS`; "ddim" is first-order DPM-Solver++, "dc" is UniPC's plan.
+      order: solver order (1-3); DDIM ignores it.
+      variant: UniPC's B(h), "bh1" or "bh2".
+      dpm_solver_type: DPM-Solver++ 2M's "midpoint" (the diffusers default) or "heun".
+      lower_order_final: lower the order on the last steps (see `step_orders`).
+      use_corrector: UniPC's corrector on (UniPC-p) or off (UniP-p alone).
+      disable_corrector: steps i whose corrector is skipped (diffusers' `disable_corrector`; the SD script
+        of DC-Solver passes [0]).
+
+    Returns:
+      a `Plan` of float64 numpy arrays.
+    """
+    ts = np.asarray(ts, dtype=np.float64)
+    nfe = ts.shape[0] - 1
+    m = max(order, 3)
+    alphas, sigmas = schedule.alpha(ts), schedule.sigma(ts)
+    lam = schedule.lambda_(ts)
+    kind = "dpmsolver++" if solver == "ddim" else solver
+    orders = [1] * nfe if solver == "ddim" else step_orders(kind, nfe, order, lower_order_final)
+    pred_m, corr_m = np.zeros((nfe, m)), np.zeros((nfe, m))
+    corr_new, corrector = np.zeros(nfe), np.zeros(nfe)
+    for i, p in enumerate(orders):
+        if kind == "dpmsolver++":
+            pred_m[i] = dpm_solver_pp_coefficients(lam, alphas[i + 1], i, p, dpm_solver_type, m)
+        else:
+            pred_m[i], corr_m[i], corr_new[i] = unipc_coefficients(
+                lam, alphas[i + 1], i, p, variant, m
+            )
+            corrector[i] = float(use_corrector and i < nfe - 1 and i not in disable_corrector)
+    idx = np.arange(nfe)
+    dc_times = np.stack([ts[idx], ts[np.maximum(idx - 1, 0)], ts[np.maximum(idx - 2, 0)]], axis=1)
+    dc_valid = idx >= 2
+    # Distinct placeholder abscissae where fewer than 3 predictions are buffered (never used, keeps the
+    # Lagrange weights finite so that gradients stay finite).
+    dc_times[~dc_valid] = ts[idx[~dc_valid], None] + np.array([0.0, 1.0, 2.0])
+    return Plan(
+        ts=ts,
+        alphas=alphas,
+        sigmas=sigmas,
+        pred_x=sigmas[1:] / sigmas[:-1],
+        pred_m=pred_m,
+        corr_m=corr_m,
+        corr_new=corr_new,
+        corrector=corrector,
+        dc_times=dc_times,
+        dc_valid=dc_valid,
+        orders=np.asarray(orders),
+    )
+
+
+# ------------------------------------------------------------------------- dynamic compensation
+
+
+def compensation_weights(ratio, times):
+    """Lagrange weights of dynamic compensation (DC-Solver Eq. 9; reference/dc_solver.md Sec. 1.5).
+
+    t' = rho t_{i-1} + (1 - rho) t_{i-2} and w_k = prod_{l != k} (t' - t_l) / (t_k - t_l) over the three
+    newest buffered times (t_{i-1}, t_{i-2}, t_{i-3} in the paper's indexing, `times` = (newest, ..., oldest)).
+    The abscissa is t, not lambda (the official code). rho = 1 gives exactly (1, 0, 0).
+
+    Args:
+      ratio: the compensation ratio rho (scalar, differentiable).
+      times: (3,) buffered times, newest first.
+
+    Returns:
+      (3,) weights of the newest, middle and oldest predictions.
+    """
+    t0, t1, t2 = times[0], times[1], times[2]
+    tp = ratio * t0 + (1.0 - ratio) * t1
+    w0 = (tp - t1) / (t0 - t1) * ((tp - t2) / (t0 - t2))
+    w1 = (tp - t0) / (t1 - t0) * ((tp - t2) / (t1 - t2))
+    w2 = (tp - t0) / (t2 - t0) * ((tp - t1) / (t2 - t1))
+    return jnp.stack([w0, w1, w2])
+
+
+def compensate(buf, ratio, times, valid):
+    """Replaces the newest buffered prediction by its compensated value where `valid` (permanently)."""
+    w = compensation_weights(ratio, times).astype(buf.dtype)
+    m = buf.shape[0]
+    new = w[0] * buf[m - 1] + w[1] * buf[m - 2] + w[2] * buf[m - 3]
+    return buf.at[m - 1].set(jnp.where(valid, new, buf[m - 1]))
+
+
+# ----------------------------------------------------------------------------------- the engine
+
+
+def model_eps(eps_fn: Callable, x, t, guidance: Guidance | None):
+    """eps_fn(x, t) or, with guidance, its classifier-free-guided combination."""
+    if guidance is None:
+        return eps_fn(x, t)
+    return diffusion.classifier_free_guidance(eps_fn, x, t, guidance.labels, guidance.scale)
+
+
+def _data_prediction(eps_fn, guidance, x, t, alpha, sigma):
+    eps = model_eps(eps_fn, x, t, guidance)
+    if eps.shape != x.shape:
+        raise ValueError(
+            f"eps_fn returned shape {eps.shape} for input of shape {x.shape}; it must return the "
+            "noise prediction with the input's shape"
+        )
+    eps = eps.astype(x.dtype)
+    return (x - sigma * eps) / alpha, jnp.all(jnp.isfinite(eps))
+
+
+def _rows(plan: Plan, dtype):
+    """Per-step scan inputs, cast to the state's dtype."""
+    f = lambda a: jnp.asarray(a, dtype)
+    return dict(
+        t_next=f(plan.ts[1:]),
+        alpha_next=f(plan.alphas[1:]),
+        sigma_next=f(plan.sigmas[1:]),
+        pred_x=f(plan.pred_x),
+        pred_m=f(plan.pred_m),
+        corr_m=f(plan.corr_m),
+        corr_new=f(plan.corr_new),
+        corrector=f(plan.corrector),
+        dc_times=f(plan.dc_times),
+        dc_valid=jnp.asarray(plan.dc_valid),
+    )
+
+
+def _combine(coef, buf):
+    return jnp.tensordot(coef, buf, axes=1)
+
+
+def step(eps_fn, guidance, x, buf, row, ratio, *, dc: bool, evaluate: bool):
+    """One sampler step from t_i to t_{i+1}: compensation, predictor, model evaluation, corrector.
+
+    Returns (x_{i+1}, the buffer after this step, finite flag of the model output). With evaluate=False
+    (the last step) the predictor's output is returned and the buffer is left as it is.
+    """
+    if dc:
+        buf = compensate(buf, ratio, row["dc_times"], row["dc_valid"])
+    x_pred = row["pred_x"] * x + _combine(row["pred_m"], buf)
+    if not evaluate:
+        return x_pred, buf, jnp.array(True)
+    m_new, finite = _data_prediction(
+        eps_fn, guidance, x_pred, row["t_next"], row["alpha_next"], row["sigma_next"]
+    )
+    x_corr = row["pred_x"] * x + _combine(row["corr_m"], buf) + row["corr_new"] * m_new
+    x_next = jnp.where(row["corrector"] > 0, x_corr, x_pred)
+    buf = jnp.concatenate([buf[1:], m_new[None]], axis=0)
+    return x_next, buf, finite
+
+
+def _slice(rows, i):
+    return jax.tree.map(lambda a: a[i], rows)
+
+
+def initial_buffer(eps_fn, guidance, x_T, plan: Plan):
+    """The buffer before step 0: zeros and m_0 = x0_theta(x_T, t_0) in the newest slot."""
+    dtype = x_T.dtype
+    m0, finite = _data_prediction(
+        eps_fn,
+        guidance,
+        x_T,
+        jnp.asarray(plan.ts[0], dtype),
+        jnp.asarray(plan.alphas[0], dtype),
+        jnp.asarray(plan.sigmas[0], dtype),
+    )
+    m = plan.pred_m.shape[1]
+    buf = jnp.zeros((m, *x_T.shape), dtype).at[m - 1].set(m0)
+    return buf, finite
+
+
+def run(eps_fn, x_T, plan: Plan, ratios, guidance: Guidance | None, *, dc: bool, trajectory: bool):
+    """Runs a whole sampler (traceable; the public entry points jit it).
+
+    Args:
+      eps_fn: noise prediction `eps_fn(x, t[, labels])`.
+      x_T: the initial noise (any shape whose leading axes are the batch).
+      plan: the coefficients (`make_plan`), as arrays.
+      ratios: (nfe,) compensation ratios (ignored unless dc).
+      guidance: None or `Guidance`.
+      dc: apply dynamic compensation before each predictor.
+      trajectory: also return the state after every step, shape (nfe, *x_T.shape).
+
+    Returns:
+      (x_0, trajectory or None, bad) where bad is the first model evaluation (0 = at x_T, i + 1 = after
+      step i) with a non-finite output, or -1.
+    """
+    nfe = plan.pred_x.shape[0]
+    rows = _rows(plan, x_T.dtype)
+    ratios = jnp.asarray(ratios, x_T.dtype)
+    buf, finite0 = initial_buffer(eps_fn, guidance, x_T, plan)
+    bad0 = jnp.where(finite0, -1, 0)
+
+    def body(carry, inputs):
+        x, buf, bad = carry
+        row, ratio, i = inputs
+        x_next, buf, finite = step(eps_fn, guidance, x, buf, row, ratio, dc=dc, evaluate=True)
+        bad = jnp.where((bad < 0) & ~finite, i + 1, bad)
+        return (x_next, buf, bad), (x_next if trajectory else None)
+
+    head = jax.tree.map(lambda a: a[: nfe - 1], rows)
+    (x, buf, bad), traj = jax.lax.scan(
+        body, (x_T, buf, bad0), (head, ratios[: nfe - 1], jnp.arange(nfe - 1))
+    )
+    x, _, _ = step(
+        eps_fn, guidance, x, buf, _slice(rows, nfe - 1), ratios[nfe - 1], dc=dc, evaluate=False
+    )
+    if trajectory:
+        traj = jnp.concatenate([traj, x[None]], axis=0)
+    return x, traj, bad
