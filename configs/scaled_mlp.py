@@ -97,7 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.name = "B-4/Wi-128"
         c.batch_size, c.epochs, c.optim.lr = 128, 150.0, 3e-4
         c.recipe.crop_scale = (0.35, 1.0)  # 8x8 digits: the ImageNet range crops away the digit
-        c.checkpoint_every, c.log_every, c.eval.batch_size = 500, 25, 360
+        c.checkpoint_every, c.log_every, c.eval.batch_size = 165, 11, 360
     elif preset == "cifar10":
         c.data.name, c.data.res = "cifar10", 32
         c.model.name = "B-6/Wi-1024"

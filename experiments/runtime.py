@@ -345,7 +345,8 @@ def train(
         (data order and randomness derived from `step`), and should donate `state`.
       num_steps: total number of steps of the run.
       checkpoint_every: save every this many steps and at the end.
-      log_every: write metrics.jsonl / TensorBoard every this many steps.
+      log_every: write metrics.jsonl / TensorBoard every this many steps: each metric's mean over the
+        steps since the last write, and the steps per second.
       finite_keys: metrics that must stay finite; a non-finite one raises `NonFiniteError` and nothing
         after the last good checkpoint is saved.
       on_checkpoint: optional `(step, state) -> metrics` run at each checkpoint (an evaluation, say); its
@@ -362,8 +363,12 @@ def train(
     pending: tuple[int, Mapping[str, jax.Array]] | None = None
     t_last, n_last = time.perf_counter(), start
 
+    window: dict[str, float] = {}
+    window_steps = 0
+
     def emit(step: int, metrics) -> None:
-        nonlocal t_last, n_last
+        """Checks one step's metrics; every `log_every` steps logs their means over the window."""
+        nonlocal t_last, n_last, window_steps
         host = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
         if not _finite(host, finite_keys):
             bar.close()
@@ -372,12 +377,18 @@ def train(
                 f"checkpoint (step {ckpt.latest_step}) in {workdir.file('checkpoints')} is kept. "
                 "Lower the learning rate or enable gradient clipping."
             )
+        for k, v in host.items():
+            window[k] = window.get(k, 0.0) + v
+        window_steps += 1
         if step % log_every == 0 or step == num_steps:
             now = time.perf_counter()
-            host["steps_per_sec"] = (step - n_last) / max(now - t_last, 1e-9)
+            means = {k: v / window_steps for k, v in window.items()}
+            means["steps_per_sec"] = (step - n_last) / max(now - t_last, 1e-9)
             t_last, n_last = now, step
-            workdir.log(step, host)
-            bar.set_postfix(format_metrics(host), refresh=False)
+            window.clear()
+            window_steps = 0
+            workdir.log(step, means)
+            bar.set_postfix(format_metrics(means), refresh=False)
 
     try:
         for step in range(start, num_steps):
