@@ -16,7 +16,7 @@ import platform
 import time
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
 # Every system adds itself here when it lands.
 SYSTEMS = ("scaled_mlp",)
@@ -45,6 +45,7 @@ def run_system(name: str, root: str, preset: str) -> str:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     unknown = [s for s in FLAGS.systems if s not in SYSTEMS]
     if unknown:
         raise app.UsageError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")

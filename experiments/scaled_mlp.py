@@ -25,7 +25,7 @@ from experiments import runtime
 from experiments.data import EpochBatches, ImageDataset, load_image_dataset
 from inference import scaled_mlp_training as recipe_lib
 from inference.scaling_law import fit_scaling_law
-from models.scaled_mlp import ScaledMLP, forward_flops, parse_architecture
+from models.scaled_mlp import ScaledMLP, forward_flops, num_params, parse_architecture
 
 # From-scratch CIFAR-10 numbers the paper reports (Table 1, B-6/Wi-1024; quoted from the reference notes,
 # which could not re-verify them) and the released fine-tuned checkpoints (README, verified).
@@ -305,9 +305,17 @@ def plot_learning_curves(wd: runtime.Workdir) -> None:
     wd.savefig(fig, "learning_curves.png")
 
 
+# Table 5 / README parameter counts (millions) at 64x64x3 with the 11,230-class ImageNet-21k head.
+PAPER_PARAMS_M = {"B-6/Wi-512": 24, "B-12/Wi-512": 37, "B-6/Wi-1024": 74, "B-12/Wi-1024": 124}
+
+
 def report(results: dict, workdir: str) -> str:
     """The demo report's section: our run beside the paper's numbers."""
     rows = "\n".join(f"| paper: {k} | {v:.1f} |" for k, v in PAPER.items())
+    counts = "\n".join(
+        f"| {name} | {paper} | {num_params(*parse_architecture(name)[:2], 11230, 12288):,} |"
+        for name, paper in PAPER_PARAMS_M.items()
+    )
     return f"""## Scaled MLPs (Bachmann et al., 2023)
 
 {results["model"]} trained from scratch with the paper's recipe (Lion, label smoothing 0.3, random-resized
@@ -325,6 +333,12 @@ download and finish in minutes, so they check the pipeline, not the paper's accu
 CIFAR-10 run on this CPU.
 
 ![learning curves](./learning_curves.png)
+
+Parameter counts of the paper's models as built here (64x64x3 input, 11,230 classes):
+
+| model | paper (M) | ours |
+|---|---|---|
+{counts}
 """
 
 
