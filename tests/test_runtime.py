@@ -198,3 +198,32 @@ def test_sweep_commands_gather_and_scaling_fit(tmp_path):
     fit = json.load(open(tmp_path / "scaling_law.json"))
     assert abs(fit["alpha"] - 0.3) < 0.05
     assert (tmp_path / "scaling_law.png").exists() and (tmp_path / "sweep.md").exists()
+
+
+def test_finetune_from_own_checkpoint_with_new_head_and_tta(tmp_path):
+    config = scaled_mlp_config.get_config("smoke")
+    scaled_mlp_experiment.run(config, str(tmp_path / "pre"))
+    pretrained = params(tmp_path / "pre")["params"]
+
+    ft = scaled_mlp_config.get_config("smoke")
+    ft.init.params_file = str(tmp_path / "pre" / "params.msgpack")
+    ft.optim.name, ft.optim.lr, ft.optim.momentum = "sgd", 1e-3, 0.0
+    ft.optim.body_lr_multiplier = 0.0  # a frozen body through the multiplier: only the head moves
+    ft.num_steps, ft.eval.tta_crops = 5, 3
+    results = scaled_mlp_experiment.run(ft, str(tmp_path / "ft"))
+    tuned = params(tmp_path / "ft")["params"]
+    for name in pretrained:
+        same = all(
+            np.array_equal(a, b)
+            for a, b in zip(
+                jax.tree.leaves(pretrained[name]), jax.tree.leaves(tuned[name]), strict=True
+            )
+        )
+        assert same == (name != "linear_out"), name
+    assert 0 <= results["test_tta_top1"] <= results["test_tta_top5"] <= 1
+
+    bad = scaled_mlp_config.get_config("smoke")
+    bad.init.params_file = ft.init.params_file
+    bad.model.name = "B-2/Wi-64"
+    with pytest.raises(runtime.ConfigError, match="does not fit"):
+        scaled_mlp_experiment.run(bad, str(tmp_path / "bad"))
