@@ -265,15 +265,16 @@ def test_new_ratios_and_guidance_scales_do_not_recompile():
 # --------------------------------------------------------------------------------- the search
 
 
-def test_search_recovers_known_ratios():
-    """Targets made by DC itself with ratios rho* are reached exactly at rho*: the search must find them."""
+def test_search_recovers_known_ratios_and_beats_unipc():
+    """(a) Targets made by DC itself with ratios rho* are reached exactly at rho*: the search must find them.
+    (b) Against a DDIM ground truth, the searched ratios beat UniPC (same compiled search, new data)."""
     mix, x_T, labels = _problem(seed=3, batch=10)
     fn = mix.eps_fn(SCHED)
     g = dcs.Guidance(labels, 3.0)
     nfe = 6
     true = np.array([1.0, 1.0, 1.25, 0.85, 1.15, 0.9])
     plan = dcs.plan_for(SCHED, nfe=nfe, solver="dc")
-    _, traj, _ = ds.run(fn, x_T, dcs._jnp_plan(plan), true, g, dc=True, trajectory=True)
+    _, traj, _ = dcs._sample_jit(fn, x_T, dcs._jnp_plan(plan), true, g, True, True)
     found, losses = dcs.search_ratios(
         fn, x_T, SCHED, nfe=nfe, guidance=g, targets=traj, return_losses=True
     )
@@ -281,17 +282,15 @@ def test_search_recovers_known_ratios():
     np.testing.assert_allclose(found, true, atol=0.03)
     assert np.all(losses[2:, -1] <= losses[2:, 0])
 
-
-def test_search_improves_on_unipc_against_its_ground_truth():
     mix, x_T, labels = _problem(seed=4, batch=10)
     fn = mix.eps_fn(SCHED)
     g = dcs.Guidance(labels, 5.0)
-    ratios = dcs.search_ratios(fn, x_T, SCHED, nfe=6, guidance=g, gt_steps=120)
+    gt = dcs.ddim_reference(fn, x_T, SCHED, D.time_steps(SCHED, nfe), steps=120, guidance=g)
+    ratios = dcs.search_ratios(fn, x_T, SCHED, nfe=nfe, guidance=g, targets=gt)
     assert np.all(np.isfinite(ratios)) and not np.allclose(ratios[2:], 1.0)
-    gt = dcs.ddim_reference(fn, x_T, SCHED, D.time_steps(SCHED, 6), steps=120, guidance=g)[-1]
-    unipc = dcs.sample(fn, x_T, SCHED, nfe=6, solver="unipc", guidance=g)
-    dc = dcs.sample(fn, x_T, SCHED, nfe=6, solver="dc", ratios=ratios, guidance=g)
-    assert float(jnp.mean((dc - gt) ** 2)) < float(jnp.mean((unipc - gt) ** 2))
+    unipc = dcs.sample(fn, x_T, SCHED, nfe=nfe, solver="unipc", guidance=g)
+    dc = dcs.sample(fn, x_T, SCHED, nfe=nfe, solver="dc", ratios=ratios, guidance=g)
+    assert float(jnp.mean((dc - gt[-1]) ** 2)) < float(jnp.mean((unipc - gt[-1]) ** 2))
 
 
 def test_ddim_reference_modes():
@@ -392,3 +391,34 @@ def test_non_finite_model_output_raises():
 
     with pytest.raises(FloatingPointError, match="non-finite values at evaluation 3"):
         dcs.sample(broken, x_T, SCHED, nfe=5, solver="unipc")
+
+
+# ------------------------------------------------------------------------------------ experiment
+
+
+def test_experiment_smoke_and_config_errors(tmp_path):
+    from configs import dc_solver as cfg_lib
+    from experiments import dc_solver as exp
+    from experiments import runtime
+
+    with pytest.raises(ValueError, match="unknown preset 'gpu'"):
+        cfg_lib.get_config("gpu")
+    bad = cfg_lib.get_config("smoke")
+    bad.eval.nfes = (2,)
+    with pytest.raises(runtime.ConfigError, match="smaller than the solver order 3"):
+        exp.run(bad, str(tmp_path / "bad"))
+
+    config = cfg_lib.get_config("smoke")
+    results = exp.run(config, str(tmp_path / "run"))
+    row = results["table"]["nfe=5,cfg=7.5"]
+    assert set(row) == set(exp.METHODS)
+    assert all(np.isfinite(v) for v in (row["ddim"], row["unipc"], row["dc_searched"]["median"]))
+    # The ground truth is accurate far beyond the samplers' errors.
+    assert results["gt_error_mse"]["nfe=0,cfg=7.5"] < 0.05 * row["ddim"]
+    ratios = exp.load_ratios(str(tmp_path / "run" / "ratios.json"))
+    assert ratios["nfe=5,cfg=7.5,seed=0"].shape == (5,)
+    assert tp.load_cpr_coeffs(str(tmp_path / "run" / "cpr_coeffs_seed0.npy")).shape == (36,)
+    md = exp.report(results, str(tmp_path / "run"))
+    assert "| 5 | 7.5 |" in md and "](./mse.png)" in md
+    assert (tmp_path / "run" / "mse.png").exists()
+    assert exp.run(config, str(tmp_path / "run")) == results  # a finished run is not redone

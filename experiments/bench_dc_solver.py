@@ -1,0 +1,182 @@
+r"""Sampling and ratio-search speed of our DC-Solver / UniPC beside diffusers' scheduler loop, in one process run.
+
+    python -m experiments.bench_dc_solver --out=results/bench
+    python -m experiments.bench_dc_solver --points=1000 --nfe=10 --cfg=7.5
+
+Measures, float32 on the CPU (both sides), on the analytic class-conditional Gaussian mixture of the `cpu`
+preset (64 dimensions, 10 classes x 3 components), classifier-free guidance 7.5 (two model evaluations per step):
+
+* NFE-10 sampling of `--points` points: our `sample(solver="unipc")` and `sample(solver="dc")` (one jit each,
+  timed after compilation, including the host-side checks and the non-finite flag read back), against
+  diffusers' `UniPCMultistepScheduler` (same order 3, bh1, linspace timesteps, final sigma = sigma_min) stepped
+  in a Python loop with the same model written in PyTorch (`third_party.dc_solver.TorchMixtureEps`). The two
+  outputs are compared (they solve the same ODE with the same algorithm).
+* The NFE-10 ratio search on 10 datapoints (40 AdamW iterations per step, 200-step DDIM ground truth): cold (a
+  fresh compile, as a user's first call) and warm.
+
+Writes `OUT/dc_solver.json` and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from configs import dc_solver as dc_config
+from experiments.dc_solver import make_mixture
+from inference import dc_solver as dcs
+from models import diffusion
+
+flags.DEFINE_string("out", "results/bench", "Directory for dc_solver.json.")
+flags.DEFINE_integer("points", 1000, "Number of samples.")
+flags.DEFINE_integer("nfe", 10, "Number of steps.")
+flags.DEFINE_float("cfg", 7.5, "Guidance scale.")
+flags.DEFINE_integer("repeats", 15, "Timed repeats; the median is reported.")
+flags.DEFINE_bool("torch", True, "Also time diffusers' scheduler loop.")
+FLAGS = flags.FLAGS
+
+
+def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, the functions timed in turn within every repeat (so that
+    load from other processes hits them alike); each is called once first (compilation, warm-up)."""
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main(argv):
+    del argv
+    config = dc_config.get_config("cpu")
+    mixture = make_mixture(config)
+    schedule = diffusion.VPSchedule.named("sd_scaled_linear")
+    eps_fn = mixture.eps_fn(schedule)
+    nfe, n, dim = FLAGS.nfe, FLAGS.points, mixture.dim
+    rng = np.random.default_rng(0)
+    x_np = rng.normal(size=(n, dim)).astype(np.float32)
+    y_np = rng.integers(0, mixture.num_classes, size=n)
+    x, y = jnp.asarray(x_np), jnp.asarray(y_np)
+    guidance = dcs.Guidance(y, FLAGS.cfg)
+    kw = dict(nfe=nfe, order=3, variant="bh1", spacing="linspace", guidance=guidance)
+    ratios = np.array([1.0, 1.0] + [0.9, 1.1] * ((nfe - 2) // 2) + [1.0] * ((nfe - 2) % 2))
+
+    def ours_unipc():
+        return dcs.sample(eps_fn, x, schedule, solver="unipc", **kw).block_until_ready()
+
+    def ours_dc():
+        return dcs.sample(eps_fn, x, schedule, solver="dc", ratios=ratios, **kw).block_until_ready()
+
+    fns = {"ours_unipc_s": ours_unipc, "ours_dc_s": ours_dc}
+    results = {
+        "device": jax.devices()[0].device_kind,
+        "cpu_count": os.cpu_count(),
+        "points": n,
+        "dim": dim,
+        "nfe": nfe,
+        "cfg": FLAGS.cfg,
+    }
+    if FLAGS.torch:
+        import torch
+        from diffusers import UniPCMultistepScheduler
+
+        from third_party.dc_solver import TorchMixtureEps
+
+        twin = TorchMixtureEps(mixture, schedule, dtype=torch.float32)
+        betas = diffusion.sd_scaled_linear_betas()
+        scheduler = UniPCMultistepScheduler(
+            trained_betas=betas,
+            solver_order=3,
+            solver_type="bh1",
+            final_sigmas_type="sigma_min",
+            timestep_spacing="linspace",
+        )
+        labels = torch.from_numpy(y_np)
+
+        def diffusers_loop():
+            scheduler.set_timesteps(nfe)
+            xt = torch.from_numpy(x_np)
+            with torch.no_grad():
+                for t in scheduler.timesteps:
+                    xt = scheduler.step(twin.guided(xt, t, labels, FLAGS.cfg), t, xt).prev_sample
+            return xt
+
+        fns["diffusers_unipc_s"] = diffusers_loop
+        results["torch_threads"] = torch.get_num_threads()
+        theirs = diffusers_loop().numpy()
+        ours = np.asarray(ours_unipc())
+        results["max_abs_diff_vs_diffusers"] = float(np.max(np.abs(ours - theirs)))
+        results["rel_diff_vs_diffusers"] = float(
+            np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
+        )
+    results.update(interleaved_medians(fns, FLAGS.repeats))
+    if FLAGS.torch:
+        results["speedup_unipc"] = results["diffusers_unipc_s"] / results["ours_unipc_s"]
+        results["speedup_dc"] = results["diffusers_unipc_s"] / results["ours_dc_s"]
+
+    # Ratio search, NFE 10, 10 datapoints: cold (first call compiles the DDIM ground truth and the search) and
+    # warm (new datapoints, same shapes).
+    xs, ys = jax.random.normal(jax.random.key(1), (10, dim)), jnp.arange(10) % mixture.num_classes
+    start = time.perf_counter()
+    dcs.search_ratios(eps_fn, xs, schedule, nfe=nfe, guidance=dcs.Guidance(ys, FLAGS.cfg))
+    results["search_cold_s"] = time.perf_counter() - start
+    xs2 = jax.random.normal(jax.random.key(2), (10, dim))
+    results["search_warm_s"] = median_time(
+        lambda: dcs.search_ratios(
+            eps_fn, xs2, schedule, nfe=nfe, guidance=dcs.Guidance(ys, FLAGS.cfg)
+        ),
+        FLAGS.repeats,
+    )
+
+    os.makedirs(FLAGS.out, exist_ok=True)
+    path = os.path.join(FLAGS.out, "dc_solver.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    rows = [
+        (f"our UniPC, NFE {nfe}, {n} x {dim}", results["ours_unipc_s"], ""),
+        ("our DC-Solver, same", results["ours_dc_s"], ""),
+    ]
+    if "diffusers_unipc_s" in results:
+        rows.append(("diffusers UniPCMultistepScheduler loop", results["diffusers_unipc_s"], ""))
+        rows[0] = (*rows[0][:2], f"{results['speedup_unipc']:.1f}x faster (target >= 10x)")
+        rows[1] = (*rows[1][:2], f"{results['speedup_dc']:.1f}x faster")
+    rows.append(
+        (
+            f"ratio search NFE {nfe}, cold (with compile)",
+            results["search_cold_s"],
+            "target < 30 s",
+        )
+    )
+    rows.append((f"ratio search NFE {nfe}, warm", results["search_warm_s"], ""))
+    print(f"\n{'what':<48} {'seconds':>10}  note")
+    for name, sec, note in rows:
+        print(f"{name:<48} {sec:>10.4f}  {note}")
+    if "max_abs_diff_vs_diffusers" in results:
+        print(
+            f"our UniPC vs diffusers: max |diff| {results['max_abs_diff_vs_diffusers']:.2e} (float32)"
+        )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
