@@ -158,6 +158,38 @@ def test_dc_with_unit_ratios_equals_unipc_exactly():
         assert not np.allclose(moved, unipc)  # and the ratios do act
 
 
+def test_dc_plug_in_on_dpm_solver_pp():
+    """DC as a plug-in on the predictor-only DPM-Solver++: unit ratios change nothing, others act."""
+    mix, x_T, labels = _problem(seed=11, batch=10)
+    fn = mix.eps_fn(SCHED)
+    g = dcs.Guidance(labels, 3.0)
+    base = dcs.sample(fn, x_T, SCHED, nfe=6, solver="dpmsolver++", order=2, guidance=g)
+    same = dcs.sample(
+        fn, x_T, SCHED, nfe=6, solver="dpmsolver++", order=2, guidance=g, ratios=np.ones(6)
+    )
+    np.testing.assert_array_equal(np.asarray(same), np.asarray(base))
+    moved = dcs.sample(
+        fn, x_T, SCHED, nfe=6, solver="dpmsolver++", order=2, guidance=g,
+        ratios=np.array([1, 1, 1.2, 1, 1, 1.0]),
+    )  # fmt: skip
+    assert not np.allclose(moved, base)
+
+
+@pytest.mark.slow
+def test_search_on_dpm_solver_pp_plug_in():
+    mix, x_T, labels = _problem(seed=11, batch=10)
+    fn = mix.eps_fn(SCHED)
+    g = dcs.Guidance(labels, 3.0)
+    gt = dcs.ddim_reference(fn, x_T, SCHED, D.time_steps(SCHED, 6), steps=120, guidance=g)
+    r = dcs.search_ratios(
+        fn, x_T, SCHED, nfe=6, solver="dpmsolver++", order=2, guidance=g, targets=gt
+    )
+    assert r.shape == (6,) and np.all(np.isfinite(r)) and r[0] == r[1] == 1.0
+    base = dcs.sample(fn, x_T, SCHED, nfe=6, solver="dpmsolver++", order=2, guidance=g)
+    dc = dcs.sample(fn, x_T, SCHED, nfe=6, solver="dpmsolver++", order=2, guidance=g, ratios=r)
+    assert float(jnp.mean((dc - gt[-1]) ** 2)) < float(jnp.mean((base - gt[-1]) ** 2))
+
+
 def test_compensation_weights_interpolate_quadratics():
     times = jnp.array([0.4, 0.6, 0.8])
     np.testing.assert_array_equal(ds.compensation_weights(1.0, times), [1.0, 0.0, 0.0])
