@@ -18,6 +18,7 @@ files.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -189,7 +190,8 @@ def train_learned_model(config, wd: runtime.Workdir, schedule):
         log_every=100,
         desc="train eps-MLP",
     )
-    eps_fn = jax.tree_util.Partial(_learned_eps, model, state["params"])
+    # The module is static (part of the function), the parameters are traced inputs of the samplers.
+    eps_fn = jax.tree_util.Partial(functools.partial(_learned_eps, model), state["params"])
     return eps_fn, dim, num_classes
 
 
@@ -353,6 +355,7 @@ def run(config, workdir: str) -> dict:
             )
     results = {
         "preset": config.preset,
+        "gt": f"{config.eval.gt_solver.upper()} with {config.eval.gt_nfe} steps",
         "model": config.model,
         "dim": dim,
         "nfes": nfes,
@@ -404,8 +407,8 @@ def _plots(wd: runtime.Workdir, results, ratios, cpr_coeffs) -> None:
                 med = [table[_key(n, c)][m]["median"] for n in nfes]
                 lo = [table[_key(n, c)][m]["min"] for n in nfes]
                 hi = [table[_key(n, c)][m]["max"] for n in nfes]
-                ax.plot(nfes, med, marker="o", label=LABELS[m])
-                ax.fill_between(nfes, lo, hi, alpha=0.2)
+                (line,) = ax.plot(nfes, med, marker="o", label=LABELS[m])
+                ax.fill_between(nfes, lo, hi, alpha=0.2, color=line.get_color())
             else:
                 ax.plot(nfes, [table[_key(n, c)][m] for n in nfes], marker="o", label=LABELS[m])
         ax.set_yscale("log")
@@ -421,19 +424,20 @@ def _plots(wd: runtime.Workdir, results, ratios, cpr_coeffs) -> None:
     fig, axes = plt.subplots(1, len(nfes), figsize=(3.6 * len(nfes), 3.2), squeeze=False)
     for ax, n in zip(axes[0], nfes, strict=True):
         for s in results["seeds"]:
-            ax.plot(
-                range(1, n + 1),
+            steps = range(1, n + 1)
+            (line,) = ax.plot(
+                steps,
                 ratios[f"{_key(n, c)},seed={s}"],
                 marker="o",
-                alpha=0.7,
-                label=f"search seed {s}",
+                alpha=0.8,
+                label=f"searched, seed {s}",
             )
             ax.plot(
-                range(1, n + 1),
+                steps,
                 dcs.cpr_predict(cpr_coeffs[s], c, n),
                 ls="--",
-                alpha=0.7,
-                label=f"CPR seed {s}",
+                color=line.get_color(),
+                label=f"CPR, seed {s}",
             )
         ax.axhline(1.0, color="k", lw=0.5)
         ax.set_title(f"NFE {n}, CFG {c:g}")
@@ -463,7 +467,8 @@ def report(results: dict, workdir: str) -> str:
         "## DC-Solver",
         "",
         f"MSE of each sampler's output to the ground-truth sample, on {model}; UniPC-3 (bh1) and DC-Solver on "
-        "time-uniform steps as the paper's LDM experiments, DPM-Solver++ 2M, ground truth 1000-step DDIM. "
+        "time-uniform steps as the paper's LDM experiments, DPM-Solver++ 2M, ground truth "
+        f"{results.get('gt', 'DDIM with 1000 steps')}. "
         f"DC-Solver: median [min, max] over {len(results['seeds'])} search seeds (10 search noises each); "
         "CPR: ratios predicted from a fit on a disjoint (NFE, CFG) grid.",
         "",
@@ -506,7 +511,7 @@ def report(results: dict, workdir: str) -> str:
         )
         + ". The paper reports ~22 s per step on a GPU for Stable Diffusion (second-hand).",
         "",
-        "Ground-truth error (MSE of the 1000-step DDIM to a DPM-Solver++ 3M solve): "
+        "Ground-truth error (MSE of the ground truth to a many-step DPM-Solver++ 3M solve): "
         + ", ".join(
             f"CFG {k.split('cfg=')[1]}: {v:.1e}" for k, v in results["gt_error_mse"].items()
         )
