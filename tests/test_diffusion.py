@@ -259,10 +259,10 @@ def test_model_wrappers_convert_data_and_v_predictions():
 
 
 def test_eps_mlp_shapes_and_null_class():
-    model = D.EpsMLP(features=32, depth=2, num_classes=10)
+    model = D.EpsMLP(features=16, depth=1, num_classes=10)
     x = jnp.ones((5, 64))
-    params = model.init(jax.random.key(0), x, 0.5, jnp.zeros(5, jnp.int32))
-    apply = model.apply
+    params = jax.jit(model.init)(jax.random.key(0), x, 0.5, jnp.zeros(5, jnp.int32))
+    apply = jax.jit(model.apply)
     out = apply(params, x, jnp.full((5,), 0.3), jnp.arange(5))
     assert out.shape == (5, 64)
     # labels=None is the null class (index 10) of the same embedding table.
