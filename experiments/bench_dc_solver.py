@@ -43,17 +43,20 @@ FLAGS = flags.FLAGS
 
 
 def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, the functions timed in turn within every repeat (so that
-    load from other processes hits them alike); each is called once first (compilation, warm-up)."""
+    """Median (and best) seconds per call of each function, timed in turn within every repeat, in alternating
+    order (so that load from other processes hits them alike); each is called once first (compilation)."""
     times = {k: [] for k in fns}
     for fn in fns.values():
         fn()
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    order = list(fns)
+    for r in range(repeats):
+        for k in order if r % 2 == 0 else order[::-1]:  # alternate who runs after whom
             start = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - start)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    out = {k: float(np.median(v)) for k, v in times.items()}
+    out.update({k.replace("_s", "_min_s"): float(np.min(v)) for k, v in times.items()})
+    return out
 
 
 def median_time(fn, repeats: int) -> float:

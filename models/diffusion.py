@@ -498,13 +498,43 @@ class GaussianMixture:
         Returns:
           (..., d) noise prediction, in x's dtype.
         """
+        if self._use_matmuls(t):
+            gamma, w, alpha, sigma, mu = self._diagonal_parts(x, t, schedule, labels)
+            return sigma * (x * (gamma @ w) - alpha * (gamma @ (mu * w)))
         gamma, white, _, sigma, _, _ = self._parts(x, t, schedule, labels)
         return sigma[..., None] * jnp.einsum("...k,...kd->...d", gamma, white)
 
     def posterior_mean(self, x, t, schedule: VPSchedule, labels=None):
         """E[x_0 | x_t = x] = sum_k gamma_k (mu_k + alpha_t Sigma_k V_k^-1 (x - alpha_t mu_k))."""
+        if self._use_matmuls(t):
+            gamma, w, alpha, _, mu = self._diagonal_parts(x, t, schedule, labels)
+            var = jnp.asarray(self.variances, w.dtype)
+            return gamma @ mu + alpha * (x * (gamma @ (var * w)) - alpha * (gamma @ (mu * var * w)))
         gamma, _, alpha, _, post, mu = self._parts(x, t, schedule, labels)
         return jnp.einsum("...k,...kd->...d", gamma, mu + alpha[..., None, None] * post)
+
+    def _use_matmuls(self, t) -> bool:
+        """Diagonal covariances at one time t (the samplers' case): sums over d become matrix products."""
+        return self.eigvecs is None and jnp.ndim(t) == 0
+
+    def _diagonal_parts(self, x, t, schedule, labels):
+        """gamma (..., K) and w = 1 / diag(V_k) (K, d) at a scalar t, with the quadratic forms expanded,
+
+            (x - alpha mu_k)^T W_k (x - alpha mu_k) = x^2 . w_k - 2 alpha x . (mu_k w_k) + alpha^2 mu_k^2 . w_k,
+
+        so that the (batch, K, d) residuals are never formed (the same numbers up to rounding)."""
+        x = jnp.asarray(x)
+        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+        x = x.astype(dtype)
+        t = jnp.asarray(t, dtype)
+        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+        mu = jnp.asarray(self.means, dtype)
+        v = alpha**2 * jnp.asarray(self.variances, dtype) + sigma**2  # (K, d)
+        w = 1.0 / v
+        mw = mu * w
+        quad = (x * x) @ w.T - 2.0 * alpha * (x @ mw.T) + alpha**2 * jnp.sum(mu * mw, -1)
+        logits = self._log_weights(labels, dtype) - 0.5 * (jnp.sum(jnp.log(v), -1) + quad)
+        return jax.nn.softmax(logits, axis=-1), w, alpha, sigma, mu
 
     def log_prob(self, x, t, schedule: VPSchedule, labels=None):
         """log p_t(x [| labels]), the exact log-density of the noised mixture."""

@@ -77,16 +77,17 @@ class TorchMixtureEps:
         self.sigma = t(schedule.sigma(knots))
 
     def __call__(self, x, k, labels=None):
+        """The same expanded quadratic forms as `GaussianMixture._diagonal_parts` (matrix products)."""
         torch = self.torch
         k = int(k)
         a, s = self.alpha[k], self.sigma[k]
-        resid = x[:, None, :] - a * self.means  # (B, K, d)
-        v = a * a * self.var + s * s
-        white = resid / v
+        v = a * a * self.var + s * s  # (K, d)
+        w = 1.0 / v
+        mw = self.means * w
+        quad = (x * x) @ w.T - 2.0 * a * (x @ mw.T) + a * a * (self.means * mw).sum(-1)
         log_w = self.log_w if labels is None else self.class_log_w[labels]
-        logits = log_w - 0.5 * (torch.log(v).sum(-1) + (resid * white).sum(-1))
-        gamma = torch.softmax(logits, dim=-1)
-        return s * torch.einsum("bk,bkd->bd", gamma, white)
+        gamma = torch.softmax(log_w - 0.5 * (torch.log(v).sum(-1) + quad), dim=-1)
+        return s * (x * (gamma @ w) - a * (gamma @ mw))
 
     def guided(self, x, k, labels, scale: float):
         """Classifier-free guidance eps_u + w (eps_c - eps_u)."""
