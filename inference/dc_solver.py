@@ -251,6 +251,10 @@ def sample(
       m^_{i-1} = sum_k l_k(t') m_{i-1-k}, t' = rho_i t_{i-1} + (1 - rho_i) t_{i-2} (DC-Solver Sec. 3.2,
       reference/dc_solver.md Sec. 1.5); rho_1 = rho_2 = 1 always (three predictions are needed).
 
+    Deviations from the official code: only the data-prediction form (`predict_x0=True`, what every DC-Solver
+    experiment uses) is implemented, without dynamic thresholding; for order < 3 the buffer still holds three
+    predictions so that DC acts (as diffusers' DC scheduler; the LDM code silently disables DC there).
+
     One `jax.jit` per solver configuration: the noise, the ratios, the guidance labels and scale, and the arrays
     of a `jax.tree_util.Partial` model are traced, so new values of any of them never recompile. Bad input
     raises before anything is traced; a non-finite model output raises `FloatingPointError` after the run
@@ -474,7 +478,9 @@ def search_ratios(
     compensated buffer. The gradient flows through that model evaluation. The optimiser is AdamW (lr 0.1,
     betas (0.9, 0.999), eps 1e-8, weight decay 0.01: torch's defaults, as the official code), started from
     rho = 1 at every step, run `num_iters` times (40, the LDM code; diffusers' script uses 20), and the last
-    iterate is kept. rho_1 = rho_2 = 1. The whole search is one `jax.jit`: a scan over steps, each a scan of
+    iterate is kept. rho_1 = rho_2 = 1. Not reproduced: diffusers' optional `bound_func='tanh'`
+    reparametrisation, and (by default) the official nearest-neighbour ground-truth lookup (`gt_mode="ldm"`
+    reproduces it). The whole search is one `jax.jit`: a scan over steps, each a scan of
     optimiser iterations.
 
     Args:
