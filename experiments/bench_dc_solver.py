@@ -44,13 +44,15 @@ FLAGS = flags.FLAGS
 
 def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
     """Median (and best) seconds per call of each function, timed in turn within every repeat, in alternating
-    order (so that load from other processes hits them alike); each is called once first (compilation)."""
+    order (so that load from other processes hits them alike) and with a pause before each (torch's OpenMP
+    workers spin for a while after a call and would slow whatever runs next); each is called once first."""
     times = {k: [] for k in fns}
     for fn in fns.values():
         fn()
     order = list(fns)
     for r in range(repeats):
         for k in order if r % 2 == 0 else order[::-1]:  # alternate who runs after whom
+            time.sleep(0.3)  # let the other library's idle worker threads stop spinning first
             start = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - start)
