@@ -19,7 +19,7 @@ import jax
 from absl import app, flags, logging
 
 # Every system adds itself here when it lands.
-SYSTEMS = ("scaled_mlp", "dc_solver")
+SYSTEMS = ("scaled_mlp", "dc_solver", "distribution_transformer")
 
 flags.DEFINE_string("workdir", "results/demo", "Where the report and every system's run go.")
 flags.DEFINE_list("systems", list(SYSTEMS), "Which systems to run.")

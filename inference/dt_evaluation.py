@@ -94,6 +94,25 @@ def _quantum_log_posterior(task, problem, u):
 # ------------------------------------------------------------------------------------------- references
 
 
+def gp_reference_marginals(task: dt_tasks.GPHyperpriorTask, problem: Problem, y: jax.Array):
+    """Task (d): log p(y* | D) and log p(log l | D) of the near-exact posterior at `y` `[*S, B, 2]`."""
+    i = problem.info
+    lo, hi, n = GP_GRID
+    return exact.gp_hyperprior_log_marginals(
+        y[..., 0],
+        y[..., 1],
+        i["x"],
+        i["y"],
+        i["x_star"],
+        i["m"],
+        i["s"],
+        noise_var=task.noise_var,
+        ls_shape=task.ls_shape,
+        ls_rate=task.ls_rate,
+        grid=jnp.linspace(lo, hi, n),
+    )
+
+
 def has_exact_sampler(task) -> bool:
     return isinstance(task, dt_tasks.GMMLinearGaussianTask | dt_tasks.InverseGammaTask)
 

@@ -286,3 +286,47 @@ def gp_hyperprior_log_posterior(
     log_pu = ll + gamma_log_prob(jnp.exp(u), ls_shape, ls_rate) + u - log_z
     log_py = -0.5 * ((y_star - mean) ** 2 / var + jnp.log(var) + _LOG_2PI)
     return log_pu + log_py
+
+
+def gp_hyperprior_log_marginals(
+    y_star,
+    log_lengthscale,
+    x,
+    y,
+    x_star,
+    prior_mean,
+    prior_var,
+    *,
+    noise_var: float,
+    ls_shape: float,
+    ls_rate: float,
+    grid: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    r"""The two marginals of `gp_hyperprior_log_posterior`: the predictive p(y* | D) and p(u | D), u = log l.
+
+        p(y* | D) = int p(u | D) N(y*; m_u, v_u) du      (trapezoid quadrature on `grid`)
+        p(u | D)  = Gamma(e^u; a, b) e^u N(y; m 1, s K_u + noise I) / Z
+
+    Same arguments and shapes as `gp_hyperprior_log_posterior`; returns two `[*S, *B]` arrays.
+    """
+    nb = len(jnp.shape(prior_mean))
+    g = grid.reshape((-1,) + (1,) * nb)
+    ll_g, mean_g, var_g = gp_conditionals(
+        x, y, x_star, jnp.exp(g), prior_mean, prior_var, noise_var
+    )
+    lj = ll_g + gamma_log_prob(jnp.exp(g), ls_shape, ls_rate) + g  # [G, *B]
+    du = jnp.diff(grid)
+    trap = jnp.concatenate([du[:1] / 2, (du[1:] + du[:-1]) / 2, du[-1:] / 2]).reshape(g.shape)
+    log_w = lj + jnp.log(trap)
+    log_z = logsumexp(log_w, axis=0)
+    log_w = log_w - log_z  # [G, *B] quadrature weights of p(u | D)
+    ns = jnp.ndim(y_star) - nb
+    expand = (slice(None),) + (None,) * ns
+    ys = y_star[None]
+    m, v = mean_g[expand], var_g[expand]
+    log_npdf = -0.5 * ((ys - m) ** 2 / v + jnp.log(v) + _LOG_2PI)
+    log_py = logsumexp(log_w[expand] + log_npdf, axis=0)
+    u = log_lengthscale
+    ll, _, _ = gp_conditionals(x, y, x_star, jnp.exp(u), prior_mean, prior_var, noise_var)
+    log_pu = ll + gamma_log_prob(jnp.exp(u), ls_shape, ls_rate) + u - log_z
+    return log_py, log_pu

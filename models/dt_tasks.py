@@ -225,7 +225,8 @@ def rangefinder_log_prob(
     log_normal = -0.5 * ((r - true_range) / std) ** 2 - jnp.log(std) - 0.5 * math.log(2 * math.pi)
     log_exp = jnp.where(r >= 0, math.log(rate) - rate * r, -jnp.inf)
     log_unif = jnp.where((r >= 0) & (r <= max_range), -math.log(max_range), -jnp.inf)
-    stacked = jnp.stack([log_normal, log_exp, log_unif], -1) + jnp.log(jnp.asarray(weights))
+    parts = jnp.broadcast_arrays(log_normal, log_exp, log_unif)
+    stacked = jnp.stack(parts, -1) + jnp.log(jnp.asarray(weights))
     return jax.scipy.special.logsumexp(stacked, -1)
 
 
@@ -316,6 +317,20 @@ class SensorFusionTask:
             weights=self.range_weights,
         )
         return lr + bearing_log_prob(b, self.true_bearing(x), scale=self.bearing_scale)
+
+    def simulate(self, key, batch: int, num_steps: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Trajectories of the LTI motion model and their readings: x_0 ~ N(x0_mean, I),
+        x_{t+1} = A x_t + F eps_t. Returns states `[T, B, 4]` and `{source: [T, B, 1, 1]}`."""
+        k0, k_dyn, k_obs = jax.random.split(key, 3)
+        A, F = jnp.asarray(self.A), jnp.asarray(self.Q_factor)
+        x0 = jnp.asarray(self.x0_mean) + jax.random.normal(k0, (batch, 4))
+
+        def step(x, k):
+            return x @ A.T + jax.random.normal(k, (batch, F.shape[1])) @ F.T, x
+
+        _, xs = jax.lax.scan(step, x0, jax.random.split(k_dyn, num_steps))
+        obs = jax.vmap(self.sample_observations)(jax.random.split(k_obs, num_steps), xs)
+        return xs, obs
 
     def sample(self, key, batch: int) -> Problem:
         k_prior, k_x, k_z = jax.random.split(key, 3)

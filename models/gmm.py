@@ -352,6 +352,11 @@ class SampleSpaceTransform:
         """log |det df/dx| at x, `[..., d] -> [...]` (log: -log x; logit: -log x - log(1 - x))."""
         return sum(_log_jac(k, x[..., i]) for i, k in enumerate(self.kinds))
 
+    def log_abs_det_jacobian_at(self, y: jax.Array) -> jax.Array:
+        """log |det df/dx| at x = f^{-1}(y), computed stably from y (log: -y; logit: softplus(y) +
+        softplus(-y)), `[..., d] -> [...]`."""
+        return sum(_log_jac_at_y(k, y[..., i]) for i, k in enumerate(self.kinds))
+
     def log_prob(self, gmm: GMM, x: jax.Array) -> jax.Array:
         """Density of the latent in its own space: log q(f(x)) + log |det df/dx|."""
         return gmm.log_prob(self.forward(x)) + self.log_abs_det_jacobian(x)
@@ -379,3 +384,11 @@ def _log_jac(kind, x):
     if kind == "logit":
         return -jnp.log(x) - jnp.log1p(-x)
     return jnp.zeros_like(x)
+
+
+def _log_jac_at_y(kind, y):
+    if kind == "log":
+        return -y
+    if kind == "logit":
+        return jax.nn.softplus(y) + jax.nn.softplus(-y)
+    return jnp.zeros_like(y)

@@ -165,6 +165,27 @@ def test_gp_hyperprior_posterior_matches_2d_grid_of_the_joint_gaussian():
             grid=jnp.linspace(np.log(1e-3), np.log(20.0), 3001),
         )[..., 0]
         np.testing.assert_allclose(np.exp(np.asarray(ours)), brute, atol=2e-3 * brute.max())
+        # the marginals: sum the brute-force joint over the other variable
+        lpy, lpu = exact.gp_hyperprior_log_marginals(
+            jnp.asarray(ys)[:, None],
+            jnp.asarray(us)[:, None],
+            prob.info["x"],
+            prob.info["y"],
+            prob.info["x_star"],
+            prob.info["m"],
+            prob.info["s"],
+            noise_var=task.noise_var,
+            ls_shape=task.ls_shape,
+            ls_rate=task.ls_rate,
+            grid=jnp.linspace(np.log(1e-3), np.log(20.0), 3001),
+        )
+        py_brute, pu_brute = brute.sum(1) * (us[1] - us[0]), brute.sum(0) * (ys[1] - ys[0])
+        np.testing.assert_allclose(
+            np.exp(np.asarray(lpy[:, 0])), py_brute, atol=2e-3 * py_brute.max()
+        )
+        np.testing.assert_allclose(
+            np.exp(np.asarray(lpu[:, 0])), pu_brute, atol=2e-3 * pu_brute.max()
+        )
 
 
 def test_quantum_probability_matches_matrix_exponential():

@@ -1,0 +1,198 @@
+r"""Benchmark: Distribution-Transformer posteriors against numpyro NUTS on task (b), in the same process.
+
+    python -m experiments.bench_distribution_transformer --out=results/bench
+    python -m experiments.bench_distribution_transformer \
+        --dt_workdir=results/dt_invgamma_wide/invgamma_wide      # a trained entry of the experiment
+
+Measures (issue targets in brackets):
+1. Wall time of the posteriors of a batch of 1,000 problems after compilation, for the paper's DT-5
+   architecture (64/8/6/256, k = 5; [< 50 ms]) and for the trained model scored below.
+2. On task (b) (inverse-gamma, wide meta-prior unless the trained entry says otherwise): wall time per problem
+   of the trained transformer and of numpyro NUTS (vectorised chains and problems, 4 x (500 + 1000)
+   iterations, scored through a Silverman KDE-GMM of its 4000 draws), each with its expected KL(exact || q)
+   on the same problems; the ratio of the times [>= 1000x] at the transformer's equal-or-lower KL. NUTS runs
+   twice from one compiled program: one problem per call (the usual use, chains vectorised) and all problems
+   in one call (problems vectorised too, the most favourable case for NUTS).
+
+Without `--dt_workdir` the `cpu` preset's `invgamma_wide` entry is trained first (resumably) in
+`OUT/distribution_transformer_model`. Writes `OUT/distribution_transformer.json` and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from experiments import distribution_transformer as dtx
+from experiments import runtime
+from inference import baselines, dt_evaluation, dt_training
+from models import dt_tasks
+from models.distribution_transformer import DistributionTransformer
+
+flags.DEFINE_string("out", "results/bench", "Directory for distribution_transformer.json.")
+flags.DEFINE_string(
+    "dt_workdir", None, "A trained experiment entry (with config.json and checkpoints)."
+)
+flags.DEFINE_integer(
+    "num_problems", 1000, "Batch size of the latency measurement and the DT scoring."
+)
+flags.DEFINE_integer(
+    "nuts_problems", 20, "Problems NUTS is run on (one per call, then all at once)."
+)
+flags.DEFINE_integer("repeats", 50, "Timed repetitions of the transformer's batch.")
+flags.DEFINE_integer("kl_samples", 4000, "Exact posterior draws per problem for the KL estimates.")
+FLAGS = flags.FLAGS
+
+
+def _time_posterior(fn, params, prior, obs, repeats: int) -> dict:
+    jax.block_until_ready(fn(params, prior, obs))  # compile
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(params, prior, obs))
+        times.append(time.perf_counter() - start)
+    return {"min_s": min(times), "median_s": float(np.median(times))}
+
+
+def _load_entry(path: str | None, out: str):
+    if path is None:
+        from configs import distribution_transformer as cfg
+
+        c = cfg.get_config("cpu").tasks.invgamma_wide
+        path = os.path.join(out, "distribution_transformer_model")
+    else:
+        with open(os.path.join(path, "config.json")) as f:
+            c = ml_collections.ConfigDict(json.load(f))
+    return c, path
+
+
+def main(argv):
+    del argv
+    os.makedirs(FLAGS.out, exist_ok=True)
+    load = os.getloadavg()
+    c, path = _load_entry(FLAGS.dt_workdir, FLAGS.out)
+    task, model = dtx.build(c)
+    if not isinstance(task, dt_tasks.InverseGammaTask):
+        raise app.UsageError(f"--dt_workdir must hold a task (b) entry, got task {c.task!r}")
+    wd = runtime.Workdir(path, c)
+    params, _ = dtx.train(c, task, model, wd, desc="train (bench model)")
+    wd.close()
+
+    key = jax.random.key(2024)
+    prob = task.sample(key, FLAGS.num_problems)
+    posterior_fn = dt_training.make_posterior_fn(model)
+
+    # 1. latency: the paper's DT-5 architecture (weights do not change the cost) and the trained model
+    paper_model = DistributionTransformer(
+        **dt_tasks.model_kwargs(task), num_components=5, d_model=64, num_heads=8, num_layers=6,
+        dim_feedforward=256,
+    )  # fmt: skip
+    paper_params = jax.jit(paper_model.init)(jax.random.key(0), prob.prior, prob.observations)
+    paper_latency = _time_posterior(
+        dt_training.make_posterior_fn(paper_model), paper_params, prob.prior, prob.observations,
+        FLAGS.repeats,
+    )  # fmt: skip
+    trained_latency = _time_posterior(
+        posterior_fn, params, prob.prior, prob.observations, FLAGS.repeats
+    )
+
+    # 2. accuracy and time per problem against NUTS on the same problems
+    q = posterior_fn(params, prob.prior, prob.observations)
+    kl_all = dt_evaluation.monte_carlo_kl(
+        task, prob, q.log_prob, jax.random.key(1), FLAGS.kl_samples
+    )
+    n = FLAGS.nuts_problems
+    sub = dtx.slice_batch(prob, 0, n)
+    dt_per_problem = trained_latency["min_s"] / FLAGS.num_problems
+    nuts_runs = {}
+    for label, per_call in (("one problem per call", 1), ("all problems in one call", n)):
+        samples, timing = baselines.nuts(
+            baselines.inverse_gamma_model,
+            (sub.info["alpha"], sub.info["beta"], sub.observations["z"][..., 0]),
+            jax.random.key(3),
+            num_warmup=500,
+            num_samples=1000,
+            num_chains=4,
+            problems_per_call=per_call,
+        )
+        q_nuts = dtx.silverman_kde(np.moveaxis(np.asarray(samples["var"]), 0, 1)[..., None])
+        kl_nuts, kl_dt = [], []
+        for i, j in dtx.chunks(n, 5):
+            p = dtx.slice_batch(sub, i, j)
+            k = jax.random.fold_in(jax.random.key(4), i)
+            kl_nuts.append(
+                dt_evaluation.monte_carlo_kl(task, p, q_nuts[i:j].log_prob, k, FLAGS.kl_samples)
+            )
+            kl_dt.append(
+                dt_evaluation.monte_carlo_kl(task, p, q[i:j].log_prob, k, FLAGS.kl_samples)
+            )
+        kl_nuts, kl_dt = float(np.concatenate(kl_nuts).mean()), float(np.concatenate(kl_dt).mean())
+        nuts_runs[label] = {
+            **timing,
+            "problems": n,
+            "problems_per_call": per_call,
+            "expected_kl": kl_nuts,
+            "dt_expected_kl_same_problems": kl_dt,
+            "time_ratio_nuts_over_dt": timing["per_problem_s"] / dt_per_problem,
+            "dt_kl_at_most_nuts_kl": kl_dt <= kl_nuts,
+        }
+    standard = nuts_runs["one problem per call"]
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"jax {jax.__version__} on {jax.default_backend()}",
+        "load_average_at_start": load,
+        "load_average_at_end": os.getloadavg(),
+        "task": c.task,
+        "num_problems": FLAGS.num_problems,
+        "paper_dt5_architecture_batch_latency": paper_latency,
+        "trained_model": {
+            "model": c.model.to_dict(),
+            "train_steps": c.train.num_steps,
+            "batch_size": c.train.batch_size,
+            "batch_latency": trained_latency,
+            "per_problem_s": dt_per_problem,
+            "expected_kl": float(kl_all.mean()),
+        },
+        "nuts": {"chains": 4, "warmup": 500, "samples": 1000, "runs": nuts_runs},
+        "targets": {
+            "paper_architecture_batch_latency_under_50ms": paper_latency["min_s"] < 0.05,
+            "ratio_at_least_1000_one_problem_per_call": standard["time_ratio_nuts_over_dt"] >= 1000,
+            "dt_kl_at_most_nuts_kl": standard["dt_kl_at_most_nuts_kl"],
+        },
+    }
+    path = os.path.join(FLAGS.out, "distribution_transformer.json")
+    with open(path, "w") as f:
+        json.dump(runtime._jsonable(result), f, indent=2)
+    rows = [
+        ("DT-5 paper architecture, batch of 1000", f"{1e3 * paper_latency['min_s']:.1f} ms "
+         f"(median {1e3 * paper_latency['median_s']:.1f})", "-", "< 50 ms"),
+        ("trained DT, batch of 1000", f"{1e3 * trained_latency['min_s']:.1f} ms "
+         f"(median {1e3 * trained_latency['median_s']:.1f})", f"{kl_all.mean():.5f}", ""),
+        ("trained DT, per problem", f"{1e6 * dt_per_problem:.1f} us", "", ""),
+    ]  # fmt: skip
+    for label, r in nuts_runs.items():
+        rows.append(
+            (f"NUTS 4x(500+1000), {label}", f"{1e3 * r['per_problem_s']:.1f} ms / problem",
+             f"{r['expected_kl']:.5f}", "")
+        )  # fmt: skip
+        rows.append(
+            (f"  DT on the same {r['problems']} problems; NUTS/DT time",
+             f"{r['time_ratio_nuts_over_dt']:,.0f}x", f"{r['dt_expected_kl_same_problems']:.5f}",
+             ">= 1000x" if r["problems_per_call"] == 1 else "")
+        )  # fmt: skip
+    print(f"\nDistribution Transformer bench ({result['machine']}; load {load[0]:.1f} at start)")
+    print(f"{'':52s} {'time':>26s} {'expected KL':>12s} {'target':>10s}")
+    for r in rows:
+        print(f"{r[0]:52s} {r[1]:>26s} {r[2]:>12s} {r[3]:>10s}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

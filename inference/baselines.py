@@ -1,0 +1,245 @@
+"""Baselines that Distribution Transformers are compared with: numpyro NUTS and SVI, importance sampling, and
+the KDE-GMM that turns a baseline's samples into a density to score (reference notes Sec. 4-5).
+
+* `nuts`: numpyro's NUTS kernel with vectorised chains, and problems vectorised too (each problem is its own
+  posterior with its own adaptation), compiled once; compilation is timed apart from the sampling.
+* `svi_gaussian`: numpyro SVI with a full-rank Gaussian guide (`AutoMultivariateNormal`, `Trace_ELBO`, Adam),
+  `vmap`-ed over problems; the guide is a Gaussian in numpyro's unconstrained space, which for every task here
+  is the GMM's sample space (log for positive, logit for unit-interval latents).
+* `importance_sampling`: self-normalised importance sampling from the prior (task (e) reference notes 5(e)).
+* `kde_gmm`: the paper's scoring of sample-based methods: a GMM with one component per (weighted) sample and
+  covariance (Cov + 1e-3 I) * 1.06 N^{-0.2} (reference notes Sec. 4.3.1).
+* numpyro models of the tasks: `gmm_linear_model`, `inverse_gamma_model`, `gp_hyperprior_model`,
+  `quantum_model`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+import optax
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoMultivariateNormal
+
+from inference import exact
+from models.gmm import GMM
+
+# ------------------------------------------------------------------------------------------------ KDE
+
+
+def kde_gmm(samples: jax.Array, log_weights: jax.Array | None = None, jitter: float = 1e-3) -> GMM:
+    """A kernel density estimate as a GMM: one component per sample, shared covariance
+    (Cov_w + jitter I) * 1.06 N_eff^{-0.2}, with N_eff = 1 / sum w^2 the effective sample size.
+
+    Args:
+      samples: `[N, *B, d]` samples (per problem of a batch `B`).
+      log_weights: optional `[N, *B]` unnormalised log importance weights (uniform if None).
+      jitter: added to the sample covariance's diagonal.
+
+    Returns:
+      A GMM with batch `B` and N components.
+    """
+    d = samples.shape[-1]
+    if log_weights is None:
+        log_weights = jnp.zeros(samples.shape[:-1])
+    w = jax.nn.softmax(log_weights, axis=0)
+    mean = jnp.einsum("n...,n...d->...d", w, samples)
+    c = samples - mean
+    cov = jnp.einsum("n...,n...i,n...j->...ij", w, c, c)
+    n_eff = 1.0 / jnp.sum(w**2, axis=0)
+    bw = 1.06 * n_eff ** (-0.2)
+    kernel = (cov + jitter * jnp.eye(d)) * bw[..., None, None]
+    chol = jnp.linalg.cholesky(kernel)
+    logits = jnp.moveaxis(jax.nn.log_softmax(log_weights, axis=0), 0, -1)
+    means = jnp.moveaxis(samples, 0, -2)
+    return GMM(logits, means, jnp.broadcast_to(chol[..., None, :, :], means.shape + (d,)))
+
+
+# ------------------------------------------------------------------------------------- numpyro models
+
+
+def gmm_linear_model(logits, means, scale_tril, H, R, z):
+    """Task (a): x ~ GMM prior, z_i ~ N(H x, R) for the rows z_i of `z` `[n, m]`."""
+    prior = dist.MixtureSameFamily(
+        dist.Categorical(logits=logits), dist.MultivariateNormal(means, scale_tril=scale_tril)
+    )
+    x = numpyro.sample("x", prior)
+    with numpyro.plate("obs", z.shape[0]):
+        numpyro.sample("z", dist.MultivariateNormal(H @ x, covariance_matrix=R), obs=z)
+
+
+def inverse_gamma_model(alpha, beta, z, loc=0.0):
+    """Task (b): sigma^2 ~ IG(alpha, beta), z_i ~ N(loc, sigma^2)."""
+    var = numpyro.sample("var", dist.InverseGamma(alpha, beta))
+    with numpyro.plate("obs", z.shape[0]):
+        numpyro.sample("z", dist.Normal(loc, jnp.sqrt(var)), obs=z)
+
+
+def gp_hyperprior_model(x, y, x_star, m, s, noise_var, ls_shape, ls_rate):
+    """Task (d): l ~ Gamma(a, b); y ~ N(m, s K_l + noise I); y* | l, y from the GP predictive."""
+    ls = numpyro.sample("ls", dist.Gamma(ls_shape, ls_rate))
+    loglik, mean, var = exact.gp_conditionals(x, y, x_star, ls, m, s, noise_var)
+    numpyro.factor("data", loglik)
+    numpyro.sample("y_star", dist.Normal(mean, jnp.sqrt(var)))
+
+
+def quantum_model(c1, c0, z, grid, success_grid):
+    """Task (e): delta ~ Beta(c1, c0), z_j ~ Bernoulli(p_j(delta)), p_j interpolated on a logit grid."""
+    delta = numpyro.sample("delta", dist.Beta(c1, c0))
+    u = jnp.log(delta) - jnp.log1p(-delta)
+    p = jnp.stack([jnp.interp(u, grid, success_grid[:, j]) for j in range(success_grid.shape[1])])
+    numpyro.sample("z", dist.Bernoulli(probs=p), obs=z)
+
+
+# ----------------------------------------------------------------------------------------------- NUTS
+
+
+def nuts(
+    model: Callable,
+    args: tuple,
+    key: jax.Array,
+    *,
+    num_warmup: int,
+    num_samples: int,
+    num_chains: int = 4,
+    problems_per_call: int | None = None,
+) -> tuple[dict[str, jax.Array], dict[str, float]]:
+    """numpyro NUTS on every problem of a batch: chains vectorised, problems too (in calls of
+    `problems_per_call`, all problems at once by default; 1 is the usual one-problem-at-a-time use).
+
+    Uses numpyro's functional kernel (`numpyro.infer.hmc.hmc(potential_fn_gen, algo="NUTS")`) with the
+    model arguments dynamic, `vmap`-ed over chains and problems, with step-size and diagonal mass-matrix
+    adaptation during `num_warmup` steps per chain. Every chain starts from the unconstrained point that
+    `initialize_model` finds for the first problem (warm-up moves it). Samples are returned in numpyro's
+    unconstrained space (log for positive, logit for unit-interval sites), which is the GMM's sample space.
+
+    Args:
+      model: a numpyro model `model(*args_b)`.
+      args: a tuple of arrays with a leading problem axis `[P, ...]`.
+      key: PRNG key.
+      num_warmup, num_samples, num_chains: per problem.
+      problems_per_call: problems per call of the one compiled program (must divide P).
+
+    Returns:
+      `(samples, timing)`: `samples[site]` is `[P, num_chains * num_samples, ...]` (unconstrained);
+      `timing` holds `compile_s` and `per_problem_s` (steady-state wall time of all calls divided by P).
+    """
+    from numpyro.infer.hmc import hmc
+    from numpyro.infer.util import initialize_model
+
+    num_problems = args[0].shape[0]
+    first = tuple(a[0] for a in args)
+    info, potential_fn_gen, _, _ = initialize_model(
+        jax.random.fold_in(key, 0), model, model_args=first, dynamic_args=True
+    )
+    init_z = info.z
+    init_kernel, sample_kernel = hmc(potential_fn_gen=potential_fn_gen, algo="NUTS")
+
+    def one_chain(key, args_b):
+        state = init_kernel(init_z, num_warmup, model_args=args_b, rng_key=key)
+
+        def step(state, _):
+            state = sample_kernel(state, model_args=args_b)
+            return state, state.z
+
+        state, _ = jax.lax.scan(step, state, None, length=num_warmup)
+        _, zs = jax.lax.scan(step, state, None, length=num_samples)
+        return zs
+
+    def one_problem(key, *args_b):
+        zs = jax.vmap(one_chain, in_axes=(0, None))(jax.random.split(key, num_chains), args_b)
+        return jax.tree.map(lambda z: z.reshape((-1,) + z.shape[2:]), zs)
+
+    run_all = jax.jit(jax.vmap(one_problem))
+    per_call = num_problems if problems_per_call is None else problems_per_call
+    if num_problems % per_call:
+        raise ValueError(f"problems_per_call={per_call} must divide the {num_problems} problems")
+    keys = jax.random.split(jax.random.fold_in(key, 1), num_problems)
+    start = time.perf_counter()
+    compiled = run_all.lower(keys[:per_call], *(a[:per_call] for a in args)).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    parts = []
+    for i in range(0, num_problems, per_call):
+        part = compiled(keys[i : i + per_call], *(a[i : i + per_call] for a in args))
+        parts.append(jax.block_until_ready(part))
+    run_s = time.perf_counter() - start
+    samples = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+    return samples, {"compile_s": compile_s, "per_problem_s": run_s / num_problems}
+
+
+# ------------------------------------------------------------------------------------------------ SVI
+
+
+def svi_gaussian(
+    model: Callable,
+    args: tuple,
+    key: jax.Array,
+    *,
+    num_steps: int,
+    learning_rate: float = 0.01,
+    num_particles: int = 10,
+) -> tuple[jax.Array, jax.Array, dict[str, float]]:
+    """Fits a full-rank Gaussian guide (numpyro `AutoMultivariateNormal`) to every problem, vmapped.
+
+    Args:
+      model: a numpyro model `model(*args_b)`.
+      args: a tuple of arrays with a leading problem axis `[P, ...]`.
+      key: PRNG key.
+      num_steps: Adam steps per problem; learning_rate: Adam step size; num_particles: ELBO samples.
+
+    Returns:
+      `(loc [P, D], scale_tril [P, D, D], timing)`: the guide in numpyro's unconstrained space (the latent
+      sites flattened in the model's sample order); `timing["per_problem_s"]` is the steady-state wall time
+      of the vmapped fit divided by P (compilation is timed separately as `compile_s`).
+    """
+    guide = AutoMultivariateNormal(model)
+    svi = SVI(model, guide, optax.adam(learning_rate), Trace_ELBO(num_particles=num_particles))
+    first = tuple(a[0] for a in args)
+    svi.init(key, *first)  # sets up the guide's prototype trace outside of vmap
+
+    def fit(key, *args_b):
+        state = svi.init(key, *args_b)
+        state = jax.lax.fori_loop(0, num_steps, lambda i, s: svi.update(s, *args_b)[0], state)
+        params = svi.get_params(state)
+        return params["auto_loc"], params["auto_scale_tril"]
+
+    num_problems = args[0].shape[0]
+    keys = jax.random.split(key, num_problems)
+    fit_all = jax.jit(jax.vmap(fit))
+    start = time.perf_counter()
+    compiled = fit_all.lower(keys, *args).compile()
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    loc, tril = jax.block_until_ready(compiled(keys, *args))
+    run_s = time.perf_counter() - start
+    return loc, tril, {"compile_s": compile_s, "per_problem_s": run_s / num_problems}
+
+
+# ------------------------------------------------------------------------------- importance sampling
+
+
+def importance_sampling(
+    key: jax.Array,
+    sample_prior: Callable[[jax.Array, int], jax.Array],
+    log_likelihood: Callable[[jax.Array], jax.Array],
+    num_samples: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Self-normalised importance sampling with the prior as proposal.
+
+    Args:
+      key: PRNG key.
+      sample_prior: `(key, n) -> [n, *B, d]` prior draws (in the GMM's sample space).
+      log_likelihood: `[n, *B, d] -> [n, *B]`.
+      num_samples: number of prior draws per problem.
+
+    Returns:
+      `(samples [n, *B, d], log_weights [n, *B])`, for `kde_gmm`.
+    """
+    y = sample_prior(key, num_samples)
+    return y, log_likelihood(y)
