@@ -506,7 +506,7 @@ def report(results: dict, workdir: str) -> str:
         "are scored through a KDE-GMM of their samples, as in the paper. For the GP task the NLL column gives "
         "the predictive NLL of y* and the NLL of the lengthscale l.",
         "",
-        "| task | method | expected KL | NLL | time / problem [s] | paper KL or NLL | paper time / problem [s] |",
+        "| task | method | expected KL (mean ± sem, median) | NLL | time / problem [s] | paper KL or NLL | paper time / problem [s] |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in results["tasks"].items():
@@ -527,7 +527,8 @@ def report(results: dict, workdir: str) -> str:
                 if name == "gp_hyperprior" and label.startswith("DT"):
                     pval = "y*: 0.81; l: 0.31"
                 lines.append(
-                    f"| {name} | {label} | {_fmt(m['kl']['mean'])} ± {_fmt(m['kl']['sem'])} | "
+                    f"| {name} | {label} | {_fmt(m['kl']['mean'])} ± {_fmt(m['kl']['sem'])} "
+                    f"(median {_fmt(m['kl']['median'])}) | "
                     f"{_nll_cell(m)} | {_fmt(m.get('per_problem_s'))} | "
                     f"{pval if isinstance(pval, str) else _fmt(pval)} | "
                     f"{_fmt(ptime / 1000 if ptime else None)} |"
