@@ -99,7 +99,9 @@ def test_linear_probe_freezes_body():
     for name, value in state["params"]["params"].items():
         changed = any(
             np.any(a != b)
-            for a, b in zip(jax.tree.leaves(value), jax.tree.leaves(params["params"][name]), strict=True)
+            for a, b in zip(
+                jax.tree.leaves(value), jax.tree.leaves(params["params"][name]), strict=True
+            )
         )
         assert changed == (name == "linear_out"), name
 
