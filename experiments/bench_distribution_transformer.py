@@ -11,8 +11,9 @@ Measures (issue targets in brackets):
    of the trained transformer and of numpyro NUTS (vectorised chains and problems, 4 x (500 + 1000)
    iterations, scored through a Silverman KDE-GMM of its 4000 draws), each with its expected KL(exact || q)
    on the same problems; the ratio of the times [>= 1000x] at the transformer's equal-or-lower KL. NUTS runs
-   twice from one compiled program: one problem per call (the usual use, chains vectorised) and all problems
-   in one call (problems vectorised too, the most favourable case for NUTS).
+   one problem per call (the usual use, chains vectorised) and all problems in one call (problems vectorised
+   too, the most favourable case for NUTS), and once more with 4 x 4000 draws per problem: KDE-scored NUTS
+   needs many more draws to approach the transformer's KL, so the time at equal KL is at least that run's.
 
 Without `--dt_workdir` the `cpu` preset's `invgamma_wide` entry is trained first (resumably) in
 `OUT/distribution_transformer_model`. Writes `OUT/distribution_transformer.json` and prints a table.
@@ -112,19 +113,24 @@ def main(argv):
     sub = dtx.slice_batch(prob, 0, n)
     dt_per_problem = trained_latency["min_s"] / FLAGS.num_problems
     nuts_runs = {}
-    for label, per_call in (("one problem per call", 1), ("all problems in one call", n)):
+    settings = (
+        ("4x(500+1000), one problem per call", 1, 1000),
+        ("4x(500+1000), all problems in one call", n, 1000),
+        ("4x(500+4000), one problem per call", 1, 4000),
+    )
+    for label, per_call, num_samples in settings:
         samples, timing = baselines.nuts(
             baselines.inverse_gamma_model,
             (sub.info["alpha"], sub.info["beta"], sub.observations["z"][..., 0]),
             jax.random.key(3),
             num_warmup=500,
-            num_samples=1000,
+            num_samples=num_samples,
             num_chains=4,
             problems_per_call=per_call,
         )
         q_nuts = dtx.silverman_kde(np.moveaxis(np.asarray(samples["var"]), 0, 1)[..., None])
         kl_nuts, kl_dt = [], []
-        for i, j in dtx.chunks(n, 5):
+        for i, j in dtx.chunks(n, 1 if num_samples > 1000 else 5):
             p = dtx.slice_batch(sub, i, j)
             k = jax.random.fold_in(jax.random.key(4), i)
             kl_nuts.append(
@@ -138,12 +144,14 @@ def main(argv):
             **timing,
             "problems": n,
             "problems_per_call": per_call,
+            "draws_per_problem": 4 * num_samples,
             "expected_kl": kl_nuts,
             "dt_expected_kl_same_problems": kl_dt,
             "time_ratio_nuts_over_dt": timing["per_problem_s"] / dt_per_problem,
             "dt_kl_at_most_nuts_kl": kl_dt <= kl_nuts,
         }
-    standard = nuts_runs["one problem per call"]
+    standard = nuts_runs["4x(500+1000), one problem per call"]
+    long = nuts_runs["4x(500+4000), one problem per call"]
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__} on {jax.default_backend()}",
@@ -160,11 +168,13 @@ def main(argv):
             "per_problem_s": dt_per_problem,
             "expected_kl": float(kl_all.mean()),
         },
-        "nuts": {"chains": 4, "warmup": 500, "samples": 1000, "runs": nuts_runs},
+        "nuts": {"chains": 4, "warmup": 500, "runs": nuts_runs},
         "targets": {
             "paper_architecture_batch_latency_under_50ms": paper_latency["min_s"] < 0.05,
-            "ratio_at_least_1000_one_problem_per_call": standard["time_ratio_nuts_over_dt"] >= 1000,
-            "dt_kl_at_most_nuts_kl": standard["dt_kl_at_most_nuts_kl"],
+            "ratio_at_least_1000_vs_standard_nuts": standard["time_ratio_nuts_over_dt"] >= 1000,
+            "ratio_at_least_1000_vs_long_nuts": long["time_ratio_nuts_over_dt"] >= 1000,
+            "dt_kl_at_most_nuts_kl": standard["dt_kl_at_most_nuts_kl"]
+            and long["dt_kl_at_most_nuts_kl"],
         },
     }
     path = os.path.join(FLAGS.out, "distribution_transformer.json")
@@ -179,7 +189,7 @@ def main(argv):
     ]  # fmt: skip
     for label, r in nuts_runs.items():
         rows.append(
-            (f"NUTS 4x(500+1000), {label}", f"{1e3 * r['per_problem_s']:.1f} ms / problem",
+            (f"NUTS {label}", f"{1e3 * r['per_problem_s']:.1f} ms / problem",
              f"{r['expected_kl']:.5f}", "")
         )  # fmt: skip
         rows.append(
