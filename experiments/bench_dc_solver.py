@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import dc_solver as dc_config
+from experiments import runtime, timing
 from experiments.dc_solver import make_mixture
 from inference import dc_solver as dcs
 from models import diffusion
@@ -40,35 +41,6 @@ flags.DEFINE_float("cfg", 7.5, "Guidance scale.")
 flags.DEFINE_integer("repeats", 15, "Timed repeats; the median is reported.")
 flags.DEFINE_bool("torch", True, "Also time diffusers' scheduler loop.")
 FLAGS = flags.FLAGS
-
-
-def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
-    """Median (and best) seconds per call of each function, timed in turn within every repeat, in alternating
-    order (so that load from other processes hits them alike) and with a pause before each (torch's OpenMP
-    workers spin for a while after a call and would slow whatever runs next); each is called once first."""
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    order = list(fns)
-    for r in range(repeats):
-        for k in order if r % 2 == 0 else order[::-1]:  # alternate who runs after whom
-            time.sleep(0.3)  # let the other library's idle worker threads stop spinning first
-            start = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - start)
-    out = {k: float(np.median(v)) for k, v in times.items()}
-    out.update({k.replace("_s", "_min_s"): float(np.min(v)) for k, v in times.items()})
-    return out
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main(argv):
@@ -134,7 +106,8 @@ def main(argv):
         results["rel_diff_vs_diffusers"] = float(
             np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
         )
-    results.update(interleaved_medians(fns, FLAGS.repeats))
+    for name, t in timing.interleaved(fns, FLAGS.repeats).items():
+        results[name], results[name.replace("_s", "_min_s")] = t["median_s"], t["min_s"]
     if FLAGS.torch:
         results["speedup_unipc"] = results["diffusers_unipc_s"] / results["ours_unipc_s"]
         results["speedup_dc"] = results["diffusers_unipc_s"] / results["ours_dc_s"]
@@ -146,12 +119,12 @@ def main(argv):
     dcs.search_ratios(eps_fn, xs, schedule, nfe=nfe, guidance=dcs.Guidance(ys, FLAGS.cfg))
     results["search_cold_s"] = time.perf_counter() - start
     xs2 = jax.random.normal(jax.random.key(2), (10, dim))
-    results["search_warm_s"] = median_time(
+    results["search_warm_s"] = timing.time_calls(
         lambda: dcs.search_ratios(
             eps_fn, xs2, schedule, nfe=nfe, guidance=dcs.Guidance(ys, FLAGS.cfg)
         ),
         FLAGS.repeats,
-    )
+    )["median_s"]
 
     os.makedirs(FLAGS.out, exist_ok=True)
     path = os.path.join(FLAGS.out, "dc_solver.json")
@@ -184,4 +157,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.use_huge_pages()
     app.run(main)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 
 import jax
 import ml_collections
@@ -32,7 +31,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import distribution_transformer as dtx
-from experiments import runtime
+from experiments import runtime, timing
 from inference import baselines, dt_evaluation, dt_training
 from models import dt_tasks
 from models.distribution_transformer import DistributionTransformer
@@ -50,16 +49,6 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("repeats", 50, "Timed repetitions of the transformer's batch.")
 flags.DEFINE_integer("kl_samples", 4000, "Exact posterior draws per problem for the KL estimates.")
 FLAGS = flags.FLAGS
-
-
-def _time_posterior(fn, params, prior, obs, repeats: int) -> dict:
-    jax.block_until_ready(fn(params, prior, obs))  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(params, prior, obs))
-        times.append(time.perf_counter() - start)
-    return {"min_s": min(times), "median_s": float(np.median(times))}
 
 
 def _load_entry(path: str | None, out: str):
@@ -96,13 +85,14 @@ def main(argv):
         dim_feedforward=256,
     )  # fmt: skip
     paper_params = jax.jit(paper_model.init)(jax.random.key(0), prob.prior, prob.observations)
-    paper_latency = _time_posterior(
-        dt_training.make_posterior_fn(paper_model), paper_params, prob.prior, prob.observations,
-        FLAGS.repeats,
-    )  # fmt: skip
-    trained_latency = _time_posterior(
-        posterior_fn, params, prob.prior, prob.observations, FLAGS.repeats
-    )
+
+    def latency(fn, params):
+        return timing.time_calls(
+            lambda: jax.block_until_ready(fn(params, prob.prior, prob.observations)), FLAGS.repeats
+        )
+
+    paper_latency = latency(dt_training.make_posterior_fn(paper_model), paper_params)
+    trained_latency = latency(posterior_fn, params)
 
     # 2. accuracy and time per problem against NUTS on the same problems
     q = posterior_fn(params, prob.prior, prob.observations)
@@ -119,7 +109,7 @@ def main(argv):
         ("4x(500+4000), one problem per call", 1, 4000),
     )
     for label, per_call, num_samples in settings:
-        samples, timing = baselines.nuts(
+        samples, nuts_time = baselines.nuts(
             baselines.inverse_gamma_model,
             (sub.info["alpha"], sub.info["beta"], sub.observations["z"][..., 0]),
             jax.random.key(3),
@@ -141,13 +131,13 @@ def main(argv):
             )
         kl_nuts, kl_dt = float(np.concatenate(kl_nuts).mean()), float(np.concatenate(kl_dt).mean())
         nuts_runs[label] = {
-            **timing,
+            **nuts_time,
             "problems": n,
             "problems_per_call": per_call,
             "draws_per_problem": 4 * num_samples,
             "expected_kl": kl_nuts,
             "dt_expected_kl_same_problems": kl_dt,
-            "time_ratio_nuts_over_dt": timing["per_problem_s"] / dt_per_problem,
+            "time_ratio_nuts_over_dt": nuts_time["per_problem_s"] / dt_per_problem,
             "dt_kl_at_most_nuts_kl": kl_dt <= kl_nuts,
         }
     standard = nuts_runs["4x(500+1000), one problem per call"]
@@ -205,4 +195,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.use_huge_pages()
     app.run(main)

@@ -9,13 +9,16 @@ Measures, all float32 on whatever JAX and torch run on here:
   and without augmentation, to price the augmentation;
 * the same model and optimiser (the official module layout, Lion) in PyTorch eager and under torch.compile,
   fed already-augmented batches (their crops happen in FFCV's loader officially, so they are not timed).
-Training FLOPs per image are 6 x forward MACs (forward 2, backward 4). Writes `OUT/scaled_mlp.json`.
+Training FLOPs per image are 6 x forward MACs (forward 2, backward 4). Writes `OUT/scaled_mlp.json`, with the
+minor page faults per step (see `runtime.use_huge_pages`: run with `THEORAX_SYSTEM_MALLOC=1` to see the step
+with glibc's default malloc).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 
 import jax
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import runtime, timing
 from inference import scaled_mlp_training as recipe_lib
 from models.scaled_mlp import ScaledMLP, forward_flops, parse_architecture
 
@@ -36,34 +40,23 @@ flags.DEFINE_bool("torch", True, "Also time the PyTorch peers.")
 FLAGS = flags.FLAGS
 
 
-def best_time(fn, steps: int, repeats: int) -> float:
-    """Seconds per call: best over `repeats` of the mean over `steps` calls (fn blocks on its result)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        best = min(best, (time.perf_counter() - start) / steps)
-    return best
-
-
 def matmul_rate(n: int = 2048) -> dict:
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     mm = jax.jit(lambda a: a @ a)
-    t = best_time(lambda: mm(a).block_until_ready(), 5, 3)
+    t = timing.time_calls(lambda: mm(a).block_until_ready(), 3, 5)["min_s"]
     rates = {"jax": 2 * n**3 / t}
     try:
         import torch
 
         x = torch.randn(n, n)
-        rates["torch"] = 2 * n**3 / best_time(lambda: x @ x, 5, 3)
+        rates["torch"] = 2 * n**3 / timing.time_calls(lambda: x @ x, 3, 5)["min_s"]
     except ImportError:
         pass
     return rates
 
 
-def jax_step_time(model, params, images, labels, augment: bool) -> float:
+def jax_step_time(model, params, images, labels, augment: bool) -> tuple[float, float]:
+    """(best seconds per step, minor page faults per step) of our jitted step."""
     recipe = recipe_lib.Recipe(
         res=FLAGS.res,
         mean=(0.5,) * 3,
@@ -82,7 +75,11 @@ def jax_step_time(model, params, images, labels, augment: bool) -> float:
         holder["i"] += 1
         m["loss"].block_until_ready()
 
-    return best_time(one, FLAGS.steps, FLAGS.repeats)
+    one()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = timing.time_calls(one, FLAGS.repeats, FLAGS.steps)["min_s"]
+    calls = 1 + FLAGS.repeats * FLAGS.steps
+    return t, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / calls
 
 
 def torch_step_times(depth, width, expansion, num_classes, images, labels) -> dict:
@@ -114,7 +111,7 @@ def torch_step_times(depth, width, expansion, num_classes, images, labels) -> di
             start = time.perf_counter()
             fn()
             out[f"torch_{mode}_first_call_s"] = time.perf_counter() - start
-            out[f"torch_{mode}_step_s"] = best_time(fn, FLAGS.steps, FLAGS.repeats)
+            out[f"torch_{mode}_step_s"] = timing.time_calls(fn, FLAGS.repeats, FLAGS.steps)["min_s"]
         except Exception as e:  # noqa: BLE001 - a broken torch.compile toolchain is reported, not fatal
             out[f"torch_{mode}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return out
@@ -135,8 +132,8 @@ def main(argv):
     params = model.init(jax.random.key(0), jnp.zeros((1, res, res, 3)))
     peak = matmul_rate()
     machine_rate = max(peak.values())
-    t_full = jax_step_time(model, params, images, labels, augment=True)
-    t_plain = jax_step_time(model, params, images, labels, augment=False)
+    t_full, faults = jax_step_time(model, params, images, labels, augment=True)
+    t_plain, _ = jax_step_time(model, params, images, labels, augment=False)
     result = {
         "model": FLAGS.model,
         "res": res,
@@ -146,6 +143,8 @@ def main(argv):
         "cpu_count": os.cpu_count(),
         "train_flops_per_step": train_flops,
         "matmul_flops_per_s": peak,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "jax_page_faults_per_step": faults,
         "jax_full_recipe_step_s": t_full,
         "jax_no_augment_step_s": t_plain,
         "jax_images_per_s": b / t_full,
@@ -189,4 +188,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.use_huge_pages()
     app.run(main)

@@ -18,6 +18,8 @@ import time
 import jax
 from absl import app, flags, logging
 
+from experiments import runtime
+
 # Every system adds itself here when it lands.
 SYSTEMS = ("scaled_mlp", "dc_solver", "distribution_transformer")
 
@@ -64,4 +66,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.use_huge_pages()
     app.run(main)

@@ -26,6 +26,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import runtime
+
 flags.DEFINE_string(
     "config", None, "Config file and preset, as for the entry point: path.py:preset."
 )
@@ -128,4 +130,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    runtime.use_huge_pages()
     app.run(main)

@@ -229,3 +229,32 @@ def test_finetune_from_own_checkpoint_with_new_head_and_tta(tmp_path):
     bad.model.name = "B-2/Wi-64"
     with pytest.raises(runtime.ConfigError, match="does not fit"):
         scaled_mlp_experiment.run(bad, str(tmp_path / "bad"))
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_use_huge_pages_reexecs_once_with_the_tunable():
+    script = (
+        "import os, sys; from experiments import runtime; runtime.use_huge_pages(); "
+        "print(repr(sys.argv[1:]), repr(os.environ.get('GLIBC_TUNABLES', '')))"
+    )
+
+    def run(**env):
+        base = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("GLIBC_TUNABLES", "THEORAX_SYSTEM_MALLOC")
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", script, "a b"], env=base | env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    tunable = runtime.HUGE_PAGES_TUNABLE
+    assert run() == f"['a b'] '{tunable}'"
+    assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == (
+        f"['a b'] 'glibc.malloc.arena_max=2:{tunable}'"
+    )
+    assert run(THEORAX_SYSTEM_MALLOC="1") == "['a b'] ''"
