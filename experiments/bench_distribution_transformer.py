@@ -8,12 +8,13 @@ Measures (issue targets in brackets):
 1. Wall time of the posteriors of a batch of 1,000 problems after compilation, for the paper's DT-5
    architecture (64/8/6/256, k = 5; [< 50 ms]) and for the trained model scored below.
 2. On task (b) (inverse-gamma, wide meta-prior unless the trained entry says otherwise): wall time per problem
-   of the trained transformer and of numpyro NUTS (vectorised chains and problems, 4 x (500 + 1000)
-   iterations, scored through a Silverman KDE-GMM of its 4000 draws), each with its expected KL(exact || q)
-   on the same problems; the ratio of the times [>= 1000x] at the transformer's equal-or-lower KL. NUTS runs
-   one problem per call (the usual use, chains vectorised) and all problems in one call (problems vectorised
-   too, the most favourable case for NUTS), and once more with 4 x 4000 draws per problem: KDE-scored NUTS
-   needs many more draws to approach the transformer's KL, so the time at equal KL is at least that run's.
+   of the trained transformer and of numpyro NUTS (4 chains, 500 warm-up steps each, chains vectorised), each
+   with its expected KL(exact || q) on the same problems, NUTS scored through a Silverman KDE-GMM of its draws
+   (as the paper does). NUTS runs one problem per call (the usual use) and all problems in one call (problems
+   vectorised too, the most favourable case for NUTS), each on a ladder of 1,000, 4,000 and 16,000 draws per
+   chain. The time NUTS needs to match the transformer's KL is that of the first rung whose KL is at most the
+   transformer's; when no rung gets there it is at least the top rung's time (more draws only cost more), so
+   the ratio is reported as a lower bound ">=". Target [>= 1000x] for both ways of running NUTS.
 
 Without `--dt_workdir` the `cpu` preset's `invgamma_wide` entry is trained first (resumably) in
 `OUT/distribution_transformer_model`. Writes `OUT/distribution_transformer.json` and prints a table.
@@ -45,6 +46,9 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer(
     "nuts_problems", 20, "Problems NUTS is run on (one per call, then all at once)."
+)
+flags.DEFINE_list(
+    "nuts_draws", ["1000", "4000", "16000"], "The ladder of NUTS draws per chain (ascending)."
 )
 flags.DEFINE_integer("repeats", 50, "Timed repetitions of the transformer's batch.")
 flags.DEFINE_integer("kl_samples", 4000, "Exact posterior draws per problem for the KL estimates.")
@@ -102,46 +106,47 @@ def main(argv):
     n = FLAGS.nuts_problems
     sub = dtx.slice_batch(prob, 0, n)
     dt_per_problem = trained_latency["min_s"] / FLAGS.num_problems
-    nuts_runs = {}
-    settings = (
-        ("4x(500+1000), one problem per call", 1, 1000),
-        ("4x(500+1000), all problems in one call", n, 1000),
-        ("4x(500+4000), one problem per call", 1, 4000),
-    )
-    for label, per_call, num_samples in settings:
-        samples, nuts_time = baselines.nuts(
-            baselines.inverse_gamma_model,
-            (sub.info["alpha"], sub.info["beta"], sub.observations["z"][..., 0]),
-            jax.random.key(3),
-            num_warmup=500,
-            num_samples=num_samples,
-            num_chains=4,
-            problems_per_call=per_call,
-        )
-        q_nuts = dtx.silverman_kde(np.moveaxis(np.asarray(samples["var"]), 0, 1)[..., None])
-        kl_nuts, kl_dt = [], []
-        for i, j in dtx.chunks(n, 1 if num_samples > 1000 else 5):
-            p = dtx.slice_batch(sub, i, j)
-            k = jax.random.fold_in(jax.random.key(4), i)
-            kl_nuts.append(
-                dt_evaluation.monte_carlo_kl(task, p, q_nuts[i:j].log_prob, k, FLAGS.kl_samples)
+    nuts_runs, at_equal_kl = {}, {}
+    for mode, per_call in (("one problem per call", 1), ("all problems in one call", n)):
+        for num_samples in map(int, FLAGS.nuts_draws):
+            samples, nuts_time = baselines.nuts(
+                baselines.inverse_gamma_model,
+                (sub.info["alpha"], sub.info["beta"], sub.observations["z"][..., 0]),
+                jax.random.key(3),
+                num_warmup=500,
+                num_samples=num_samples,
+                num_chains=4,
+                problems_per_call=per_call,
             )
-            kl_dt.append(
-                dt_evaluation.monte_carlo_kl(task, p, q[i:j].log_prob, k, FLAGS.kl_samples)
-            )
-        kl_nuts, kl_dt = float(np.concatenate(kl_nuts).mean()), float(np.concatenate(kl_dt).mean())
-        nuts_runs[label] = {
-            **nuts_time,
-            "problems": n,
-            "problems_per_call": per_call,
-            "draws_per_problem": 4 * num_samples,
-            "expected_kl": kl_nuts,
-            "dt_expected_kl_same_problems": kl_dt,
-            "time_ratio_nuts_over_dt": nuts_time["per_problem_s"] / dt_per_problem,
-            "dt_kl_at_most_nuts_kl": kl_dt <= kl_nuts,
-        }
-    standard = nuts_runs["4x(500+1000), one problem per call"]
-    long = nuts_runs["4x(500+4000), one problem per call"]
+            q_nuts = dtx.silverman_kde(np.moveaxis(np.asarray(samples["var"]), 0, 1)[..., None])
+            kl_nuts, kl_dt = [], []
+            for i, j in dtx.chunks(n, max(1, 5000 // num_samples)):
+                p = dtx.slice_batch(sub, i, j)
+                k = jax.random.fold_in(jax.random.key(4), i)
+                kl_nuts.append(
+                    dt_evaluation.monte_carlo_kl(task, p, q_nuts[i:j].log_prob, k, FLAGS.kl_samples)
+                )
+                kl_dt.append(
+                    dt_evaluation.monte_carlo_kl(task, p, q[i:j].log_prob, k, FLAGS.kl_samples)
+                )
+            kl_nuts = float(np.concatenate(kl_nuts).mean())
+            kl_dt = float(np.concatenate(kl_dt).mean())
+            run = nuts_runs[f"4x(500+{num_samples}), {mode}"] = {
+                **nuts_time,
+                "problems": n,
+                "problems_per_call": per_call,
+                "draws_per_problem": 4 * num_samples,
+                "expected_kl": kl_nuts,
+                "dt_expected_kl_same_problems": kl_dt,
+                "time_ratio_nuts_over_dt": nuts_time["per_problem_s"] / dt_per_problem,
+            }
+            at_equal_kl[mode] = {
+                "time_ratio": run["time_ratio_nuts_over_dt"],
+                "reached": kl_nuts <= kl_dt,  # else the ratio is a lower bound
+                "draws_per_chain": num_samples,
+            }
+            if kl_nuts <= kl_dt:
+                break
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__} on {jax.default_backend()}",
@@ -159,12 +164,12 @@ def main(argv):
             "expected_kl": float(kl_all.mean()),
         },
         "nuts": {"chains": 4, "warmup": 500, "runs": nuts_runs},
+        "nuts_over_dt_time_at_equal_kl": at_equal_kl,
         "targets": {
             "paper_architecture_batch_latency_under_50ms": paper_latency["min_s"] < 0.05,
-            "ratio_at_least_1000_vs_standard_nuts": standard["time_ratio_nuts_over_dt"] >= 1000,
-            "ratio_at_least_1000_vs_long_nuts": long["time_ratio_nuts_over_dt"] >= 1000,
-            "dt_kl_at_most_nuts_kl": standard["dt_kl_at_most_nuts_kl"]
-            and long["dt_kl_at_most_nuts_kl"],
+            "ratio_at_least_1000_at_equal_kl": all(
+                r["time_ratio"] >= 1000 for r in at_equal_kl.values()
+            ),
         },
     }
     path = os.path.join(FLAGS.out, "distribution_transformer.json")
@@ -184,8 +189,12 @@ def main(argv):
         )  # fmt: skip
         rows.append(
             (f"  DT on the same {r['problems']} problems; NUTS/DT time",
-             f"{r['time_ratio_nuts_over_dt']:,.0f}x", f"{r['dt_expected_kl_same_problems']:.5f}",
-             ">= 1000x" if r["problems_per_call"] == 1 else "")
+             f"{r['time_ratio_nuts_over_dt']:,.0f}x", f"{r['dt_expected_kl_same_problems']:.5f}", "")
+        )  # fmt: skip
+    for mode, r in at_equal_kl.items():
+        rows.append(
+            (f"NUTS/DT time at the DT's KL, {mode}",
+             f"{'' if r['reached'] else '>= '}{r['time_ratio']:,.0f}x", "", ">= 1000x")
         )  # fmt: skip
     print(f"\nDistribution Transformer bench ({result['machine']}; load {load[0]:.1f} at start)")
     print(f"{'':52s} {'time':>26s} {'expected KL':>12s} {'target':>10s}")
