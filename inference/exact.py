@@ -197,10 +197,14 @@ def log_normalizer_1d(log_joint: Callable[[jax.Array], jax.Array], grid: jax.Arr
     weights plus the log integrand), so it does not underflow.
     """
     lj = log_joint(grid)
+    return logsumexp(lj + _log_trapezoid_weights(grid, lj.ndim - 1), axis=0)
+
+
+def _log_trapezoid_weights(grid: jax.Array, batch_ndim: int) -> jax.Array:
+    """log of the trapezoid-rule weights of a sorted 1-D `grid` `[G]`, shaped `[G, 1 x batch_ndim]`."""
     du = jnp.diff(grid)
     w = jnp.concatenate([du[:1] / 2, (du[1:] + du[:-1]) / 2, du[-1:] / 2])
-    w = w.reshape((-1,) + (1,) * (lj.ndim - 1))
-    return logsumexp(lj + jnp.log(w), axis=0)
+    return jnp.log(w).reshape((-1,) + (1,) * batch_ndim)
 
 
 # ------------------------------------------------------------------------------ GP with a lengthscale prior
@@ -243,6 +247,12 @@ def gamma_log_prob(x, shape, rate) -> jax.Array:
     return shape * jnp.log(rate) - gammaln(shape) + (shape - 1) * jnp.log(x) - rate * x
 
 
+def _gp_log_joint_u(u, x, y, x_star, prior_mean, prior_var, noise_var, ls_shape, ls_rate):
+    """(log p(u, y), GP predictive mean and variance of y* given u) for u = log l, unnormalised in u."""
+    ll, mean, var = gp_conditionals(x, y, x_star, jnp.exp(u), prior_mean, prior_var, noise_var)
+    return ll + gamma_log_prob(jnp.exp(u), ls_shape, ls_rate) + u, mean, var
+
+
 def gp_hyperprior_log_posterior(
     y_star,
     log_lengthscale,
@@ -275,15 +285,11 @@ def gp_hyperprior_log_posterior(
       `[*S, *B]` log densities on (y*, u).
     """
 
-    def log_joint_u(u):
-        ll, _, _ = gp_conditionals(x, y, x_star, jnp.exp(u), prior_mean, prior_var, noise_var)
-        return ll + gamma_log_prob(jnp.exp(u), ls_shape, ls_rate) + u
-
-    grid_shape = grid.reshape((-1,) + (1,) * len(prior_mean.shape))
-    log_z = log_normalizer_1d(lambda g: log_joint_u(grid_shape), grid)
-    u = log_lengthscale
-    ll, mean, var = gp_conditionals(x, y, x_star, jnp.exp(u), prior_mean, prior_var, noise_var)
-    log_pu = ll + gamma_log_prob(jnp.exp(u), ls_shape, ls_rate) + u - log_z
+    args = (x, y, x_star, prior_mean, prior_var, noise_var, ls_shape, ls_rate)
+    g = grid.reshape((-1,) + (1,) * len(jnp.shape(prior_mean)))
+    log_z = log_normalizer_1d(lambda _: _gp_log_joint_u(g, *args)[0], grid)
+    log_joint, mean, var = _gp_log_joint_u(log_lengthscale, *args)
+    log_pu = log_joint - log_z
     log_py = -0.5 * ((y_star - mean) ** 2 / var + jnp.log(var) + _LOG_2PI)
     return log_pu + log_py
 
@@ -309,24 +315,16 @@ def gp_hyperprior_log_marginals(
 
     Same arguments and shapes as `gp_hyperprior_log_posterior`; returns two `[*S, *B]` arrays.
     """
+    args = (x, y, x_star, prior_mean, prior_var, noise_var, ls_shape, ls_rate)
     nb = len(jnp.shape(prior_mean))
     g = grid.reshape((-1,) + (1,) * nb)
-    ll_g, mean_g, var_g = gp_conditionals(
-        x, y, x_star, jnp.exp(g), prior_mean, prior_var, noise_var
-    )
-    lj = ll_g + gamma_log_prob(jnp.exp(g), ls_shape, ls_rate) + g  # [G, *B]
-    du = jnp.diff(grid)
-    trap = jnp.concatenate([du[:1] / 2, (du[1:] + du[:-1]) / 2, du[-1:] / 2]).reshape(g.shape)
-    log_w = lj + jnp.log(trap)
+    lj, mean_g, var_g = _gp_log_joint_u(g, *args)  # [G, *B]
+    log_w = lj + _log_trapezoid_weights(grid, nb)
     log_z = logsumexp(log_w, axis=0)
     log_w = log_w - log_z  # [G, *B] quadrature weights of p(u | D)
-    ns = jnp.ndim(y_star) - nb
-    expand = (slice(None),) + (None,) * ns
-    ys = y_star[None]
+    expand = (slice(None),) + (None,) * (jnp.ndim(y_star) - nb)
     m, v = mean_g[expand], var_g[expand]
-    log_npdf = -0.5 * ((ys - m) ** 2 / v + jnp.log(v) + _LOG_2PI)
+    log_npdf = -0.5 * ((y_star[None] - m) ** 2 / v + jnp.log(v) + _LOG_2PI)
     log_py = logsumexp(log_w[expand] + log_npdf, axis=0)
-    u = log_lengthscale
-    ll, _, _ = gp_conditionals(x, y, x_star, jnp.exp(u), prior_mean, prior_var, noise_var)
-    log_pu = ll + gamma_log_prob(jnp.exp(u), ls_shape, ls_rate) + u - log_z
+    log_pu = _gp_log_joint_u(log_lengthscale, *args)[0] - log_z
     return log_py, log_pu
