@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.gmm import GMM, GMMError, validate_gmm
+from models.layers import gelu
 
 
 class ModelInputError(ValueError):
@@ -90,7 +91,7 @@ class MLP(nn.Module):
         for i, f in enumerate(self.features):
             x = nn.Dense(f, name=f"dense_{i}")(x)
             if i < len(self.features) - 1:
-                x = nn.gelu(x, approximate=False)
+                x = gelu(x)
         return x
 
 
@@ -116,7 +117,7 @@ class DecoderLayer(nn.Module):
         )(x, memory)
         x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm2")(x + ca)
         h = nn.Dense(self.dim_feedforward, name="linear1")(x)
-        h = nn.gelu(h, approximate=False)
+        h = gelu(h)
         h = nn.Dense(self.d_model, kernel_init=nn.initializers.zeros, name="linear2")(h)
         return nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm3")(x + h)
 

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jaxtyping import Array, Float
 
+from models.layers import gelu
+
 LAYERNORM_EPS = 1e-5
 
 _NAME = re.compile(r"^B[-_](\d+)[-/]Wi[-_](\d+)(?:[-/]Ex[-_](\d+))?$")
@@ -134,11 +136,11 @@ class ScaledMLP(nn.Module):
                 h = TorchLinear(self.expansion * self.width, self.dtype, name=f"block_{i}_expand")(
                     h
                 )
-                h = nn.gelu(h, approximate=False)
+                h = gelu(h)
                 x = x + TorchLinear(self.width, self.dtype, name=f"block_{i}_collapse")(h)
         else:
             for i in range(self.depth - 1):
-                h = nn.gelu(ln(f"layernorms_{i}")(x), approximate=False)
+                h = gelu(ln(f"layernorms_{i}")(x))
                 x = TorchLinear(self.width, self.dtype, name=f"block_{i}_linear")(h)
         if features:
             return x

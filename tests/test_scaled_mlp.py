@@ -110,3 +110,16 @@ def test_bad_images_are_rejected_before_tracing():
         model.apply(params, jnp.zeros((32, 32, 3)))
     with pytest.raises(ValueError, match=r"\(32, 32, 3\)"):
         model.apply(params, jnp.zeros((2, 64, 64, 3)))
+
+
+def test_gelu_is_the_exact_erf_form_with_its_gradient():
+    from models.layers import gelu
+
+    x = np.linspace(-8.0, 8.0, 4001)
+    np.testing.assert_allclose(
+        gelu(jnp.asarray(x)), 0.5 * x * (1 + erf(x / math.sqrt(2))), atol=1e-6
+    )
+    phi = np.exp(-0.5 * x**2) / math.sqrt(2 * math.pi)
+    grad = jax.vmap(jax.grad(gelu))(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(grad, 0.5 * (1 + erf(x / math.sqrt(2))) + x * phi, atol=1e-6)
+    assert gelu(jnp.ones(2, jnp.bfloat16)).dtype == jnp.bfloat16
