@@ -55,6 +55,28 @@ def matmul_rate(n: int = 2048) -> dict:
     return rates
 
 
+def step_dots_time(depth: int, width: int, expansion: int, in_dim: int, num_classes: int) -> float:
+    """Best seconds for just the matrix products of one training step, each on its own: a floor for the step.
+
+    Forward x W for the embedding, every block's two layers and the head; backward dY W^T (not for the
+    embedding) and X^T dY for each. Each product is reduced to a scalar so that none can be dropped.
+    """
+    b, ew = FLAGS.batch, expansion * width
+    forward = [(in_dim, width)] + [(width, ew), (ew, width)] * depth + [(width, num_classes)]
+    shapes = []  # (m, k, n) of every product
+    for i, (k, n) in enumerate(forward):
+        shapes += [(b, k, n), (k, b, n)] + ([(b, n, k)] if i else [])
+    keys = jax.random.split(jax.random.key(0), 2 * len(shapes))
+    operands = [
+        (jax.random.normal(k1, (m, k)), jax.random.normal(k2, (k, n)))
+        for (m, k, n), k1, k2 in zip(shapes, keys[::2], keys[1::2], strict=True)
+    ]
+    dots = jax.jit(lambda ops: [jnp.sum(a @ w) for a, w in ops])
+    return timing.time_calls(lambda: jax.block_until_ready(dots(operands)), FLAGS.repeats, 3)[
+        "min_s"
+    ]
+
+
 def jax_step_time(model, params, images, labels, augment: bool) -> tuple[float, float]:
     """(best seconds per step, minor page faults per step) of our jitted step."""
     recipe = recipe_lib.Recipe(
@@ -132,6 +154,7 @@ def main(argv):
     params = model.init(jax.random.key(0), jnp.zeros((1, res, res, 3)))
     peak = matmul_rate()
     machine_rate = max(peak.values())
+    t_dots = step_dots_time(depth, width, expansion, 3 * res * res, num_classes)
     t_full, faults = jax_step_time(model, params, images, labels, augment=True)
     t_plain, _ = jax_step_time(model, params, images, labels, augment=False)
     result = {
@@ -145,6 +168,7 @@ def main(argv):
         "matmul_flops_per_s": peak,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "jax_page_faults_per_step": faults,
+        "jax_step_dots_only_s": t_dots,
         "jax_full_recipe_step_s": t_full,
         "jax_no_augment_step_s": t_plain,
         "jax_images_per_s": b / t_full,
@@ -174,6 +198,10 @@ def main(argv):
     print(
         f"  theorax (no augment)  {t_plain * 1e3:8.1f} ms/step  augmentation costs "
         f"{100 * result['augmentation_cost_fraction']:.1f}% of the step"
+    )
+    print(
+        f"  its matmuls alone     {t_dots * 1e3:8.1f} ms/step  ({100 * t_dots / t_full:.0f}% of the step; "
+        "a floor for any implementation using these matmuls)"
     )
     for mode in ("eager", "compile"):
         if f"torch_{mode}_step_s" in result:
