@@ -103,9 +103,34 @@ def make_train_step(
     return jax.jit(step_fn, donate_argnums=(0,))
 
 
-def make_posterior_fn(model: DistributionTransformer) -> Callable:
-    """A jitted `posterior(params, prior, observations) -> GMM` for inference (validated at trace time)."""
-    return jax.jit(lambda params, prior, observations: model.apply(params, prior, observations))
+def make_posterior_fn(model: DistributionTransformer, slices: int | None = None) -> Callable:
+    """A jitted `posterior(params, prior, observations) -> GMM` for inference (validated at trace time).
+
+    Inside the one compiled program the batch (the leading axis of the prior and of every observation array)
+    is cut into `slices` near-equal parts that go through the model independently and are concatenated
+    back; the result is the same. XLA's CPU runtime runs the independent parts' small operations
+    concurrently, which keeps both cores of a small machine busy better than one batch of small operations
+    does (the paper's DT-5 on 1,000 problems: ~68 ms whole, ~55 ms in 2 slices on the 2-core CPU).
+    Default: 2 on the CPU, 1 (whole batch) on accelerators. Batches smaller than `slices` run whole.
+    """
+    if slices is None:
+        slices = 2 if jax.default_backend() == "cpu" else 1
+
+    def posterior(params, prior, observations):
+        first = jax.tree.leaves(prior)[0]  # GMM logits [*B, k] or prior features [*B, f]
+        n = first.shape[0] if first.ndim > 1 else 0
+        if slices <= 1 or n < slices:
+            return model.apply(params, prior, observations)
+        bounds = [round(i * n / slices) for i in range(slices + 1)]
+        parts = [
+            model.apply(
+                params, *jax.tree.map(lambda a, lo=lo, hi=hi: a[lo:hi], (prior, observations))
+            )
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+        return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+
+    return jax.jit(posterior)
 
 
 def sequential_posterior(

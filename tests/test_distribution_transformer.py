@@ -248,3 +248,15 @@ def test_smoke_experiment_writes_results_and_is_not_redone(tmp_path, monkeypatch
         dtx.run(config, str(tmp_path / "bad"))
     with pytest.raises(ValueError, match="unknown preset"):
         cfg.get_config("gpu")
+
+
+def test_posterior_fn_in_slices_equals_the_whole_batch(gmm_setup):
+    model, params, apply, prior, obs = gmm_setup
+    whole = apply(params, prior, obs)
+    for slices in (1, 3, 4, 9):  # uneven slices, one problem each, more slices than problems
+        sliced = dt_training.make_posterior_fn(model, slices=slices)(params, prior, obs)
+        for a, b in zip(jax.tree.leaves(sliced), jax.tree.leaves(whole), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    one = jax.tree.map(lambda a: a[0], (prior, obs))
+    single = dt_training.make_posterior_fn(model, slices=2)(params, *one)
+    np.testing.assert_allclose(single.means, whole.means[0], rtol=1e-5, atol=1e-6)
