@@ -10,7 +10,9 @@ fresh draws from the task's meta-prior (`inference.dt_training`, through `runtim
 * tasks (a), (b), (d), (e): expected KL(exact || q) (Monte Carlo with exact posterior draws where they exist,
   otherwise the exact-posterior gap at the true latents), NLL of the true latent, and wall time per problem
   after compilation, for the transformer, numpyro NUTS (vectorised chains, scored through a KDE-GMM of its
-  samples), numpyro SVI with a full-rank Gaussian guide, and (task (e)) importance sampling from the prior;
+  samples), SVI with a full-rank Gaussian guide (numpyro) and with a K-component Gaussian-mixture guide
+  (`baselines.svi_gmm`, K = `baselines.svi_gmm_components`, default 4; 0 skips it), and (task (e)) importance
+  sampling from the prior;
 * task (c): filtering NLL of the true state over `filter_steps` steps of `filter_series` series and time per
   step, for the transformer filter, a bootstrap particle filter and an EKF.
 
@@ -63,6 +65,9 @@ PAPER = {
 }
 
 
+# Components of the Gaussian-mixture SVI guide when a config has no `baselines.svi_gmm_components`.
+SVI_GMM_COMPONENTS = 4
+
 # ------------------------------------------------------------------------------------------- config
 
 
@@ -93,6 +98,11 @@ def _check_config(config) -> None:
                 0 <= c.baselines[key] <= c.eval.num_problems,
                 f"tasks.{name}.baselines.{key}={c.baselines[key]} must lie in [0, eval.num_problems]",
             )
+        k_gmm = c.baselines.get("svi_gmm_components", SVI_GMM_COMPONENTS)
+        runtime.check(
+            k_gmm >= 0,
+            f"tasks.{name}.baselines.svi_gmm_components={k_gmm} must be >= 0 (0 skips it)",
+        )
 
 
 def build(c) -> tuple:
@@ -343,6 +353,24 @@ def evaluate_static(name, c, task, model, params, key) -> dict:
         svi = score(task, sub, q_svi, jax.random.fold_in(key, 4), e.num_kl_samples, e.chunk)
         svi.update(timing, num_problems=b.svi_problems)
         res["methods"]["SVI (full-rank Gaussian)"] = svi
+        k_gmm = b.get("svi_gmm_components", SVI_GMM_COMPONENTS)
+        if k_gmm > 0:  # same steps and step size; about the same log-joint evaluations per step
+            q_mix, timing = baselines.svi_gmm(
+                model_fn,
+                args,
+                jax.random.fold_in(kb, 4),
+                num_steps=b.svi_steps,
+                num_components=k_gmm,
+                learning_rate=b.svi_learning_rate,
+                num_particles=-(-b.svi_particles // k_gmm),
+            )
+            if order is not None:
+                perm = jnp.asarray(order)
+                cov = q_mix.covariances[..., perm][..., perm, :]
+                q_mix = GMM(q_mix.logits, q_mix.means[..., perm], jnp.linalg.cholesky(cov))
+            mix = score(task, sub, q_mix, jax.random.fold_in(key, 4), e.num_kl_samples, e.chunk)
+            mix.update(timing, num_problems=b.svi_problems)
+            res["methods"][f"SVI (GMM guide, K={k_gmm})"] = mix
     if isinstance(task, dt_tasks.QuantumTask) and b.is_samples > 0:
         n = min(b.nuts_problems or 20, e.num_problems)
         sub = slice_batch(prob, 0, n)
