@@ -97,6 +97,18 @@ def _num_steps_and_series(observations) -> tuple[int, int]:
     return leaves[0].shape[0], leaves[0].shape[1]
 
 
+def _multinomial_resample(key: jax.Array, weights: jax.Array) -> jax.Array:
+    """N indices per row of `weights` `[B, N]`, drawn iid from it: inverse CDF at N uniforms, O(N log N).
+
+    (`jax.random.categorical(..., shape=(N, B))` draws the same distribution but by Gumbel-max over all N
+    categories for each of the N draws, O(N^2) per series and step.)
+    """
+    cdf = jnp.cumsum(weights, axis=-1)
+    u = jax.random.uniform(key, weights.shape) * cdf[:, -1:]
+    idx = jax.vmap(jnp.searchsorted)(cdf, u)
+    return jnp.minimum(idx, weights.shape[-1] - 1)
+
+
 def particle_filter(
     key: jax.Array,
     log_likelihood: Callable,
@@ -151,7 +163,7 @@ def particle_filter(
         if x is not None:
             kde = kde_gmm(jnp.moveaxis(particles, 1, 0), jnp.moveaxis(logw, 1, 0))
             nll = -kde.log_prob(x)
-        idx = jax.random.categorical(k_res, logw, axis=-1, shape=(num_particles, B)).T
+        idx = _multinomial_resample(k_res, w)
         resampled = jnp.take_along_axis(particles, idx[..., None], axis=1)
         noise = jax.random.normal(k_dyn, (B, num_particles, F.shape[1])) @ F.T
         return resampled @ A.T + noise, FilterResult(mean, cov, log_evidence, nll)

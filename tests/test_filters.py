@@ -220,3 +220,12 @@ def test_ekf_linearisation_is_the_analytic_jacobian_of_range_and_bearing():
     # a bearing innovation across the +-pi cut is wrapped to the short way round
     innov = residual(jnp.array([5.0, -3.1]), jnp.array([4.0, 3.1]))
     np.testing.assert_allclose(innov, [1.0, 2 * math.pi - 6.2], atol=1e-5)
+
+
+def test_multinomial_resampling_draws_each_index_with_its_weight():
+    w = jnp.asarray([[0.1, 0.0, 0.2, 0.7], [0.25, 0.25, 0.25, 0.25]])
+    idx = jax.vmap(lambda k: filters._multinomial_resample(k, w))(
+        jax.random.split(jax.random.key(0), 25000)
+    )
+    freq = np.stack([np.bincount(np.asarray(idx[:, b]).ravel(), minlength=4) for b in range(2)])
+    np.testing.assert_allclose(freq / freq.sum(-1, keepdims=True), w, atol=0.005)
