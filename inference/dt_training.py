@@ -13,10 +13,21 @@ batch as in the official code.
 
 The optimiser is AdamW (weight decay 0 by default) on a linear warm-up + cosine decay schedule, after an
 element-wise gradient clip at +-1e4 (the official gradient hook).
+
+Optional **self-fed priors** (`PriorFeedback`, filtering tasks only; not in the paper or the official code,
+which train on meta-prior draws alone): a pool of priors is kept in the train state and fills a fraction of
+every batch. After each step, the model's own posterior for each pool prior goes through the task's exact
+predict step (mu <- A mu, Sigma <- A Sigma A^T + Q) and becomes that entry's next prior, as in the filter
+(`inference.filters.dt_filter`); entries restart from the filter's initial prior with probability
+`reset_prob` per step, or when their prior leaves a sane range. Each training triple still draws the latent
+from its own prior (x ~ prior, z ~ p(z | x)), so the posterior term keeps its meaning (Prop. 3.1) for these
+priors too: the model is asked for the exact posterior of the priors it feeds itself at test time, instead of
+only for meta-prior draws, which after many steps look different (the train/test mismatch of sequential use).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import jax
@@ -43,28 +54,121 @@ def make_optimizer(
     return optax.chain(optax.clip(grad_clip), optax.adamw(schedule, weight_decay=weight_decay))
 
 
+@dataclasses.dataclass(frozen=True)
+class PriorFeedback:
+    """Self-fed priors for filtering tasks (see the module docstring).
+
+    Attributes:
+      fraction: share of each batch filled from the pool (`pool_size` rounds it to a whole number).
+      reset_prob: per-step probability that a pool entry restarts from the filter's initial prior (mean
+        chain length 1 / reset_prob steps).
+      start_step: before this step every entry is reset each step (the pool holds initial priors only),
+        so early, untrained posteriors are not fed back.
+      max_abs_mean, max_log_scale: an entry whose predicted prior has a mean or a Cholesky diagonal beyond
+        these (or is not finite) restarts.
+    """
+
+    fraction: float = 0.25
+    reset_prob: float = 0.02
+    start_step: int = 0
+    max_abs_mean: float = 100.0
+    max_log_scale: float = 3.0
+
+    def pool_size(self, batch_size: int) -> int:
+        return max(1, min(batch_size - 1, round(self.fraction * batch_size)))
+
+
+def _check_feedback(task, feedback: PriorFeedback | None) -> None:
+    if feedback is None:
+        return
+    if not all(hasattr(task, a) for a in ("A", "Q", "sample_given_prior", "x0_mean")):
+        raise ValueError(
+            f"PriorFeedback needs a filtering task with a linear-Gaussian transition (A, Q), x0_mean and "
+            f"sample_given_prior; {type(task).__name__} has none"
+        )
+    if not 0.0 < feedback.fraction < 1.0:
+        raise ValueError(f"PriorFeedback.fraction={feedback.fraction} must lie in (0, 1)")
+    if not 0.0 <= feedback.reset_prob <= 1.0:
+        raise ValueError(f"PriorFeedback.reset_prob={feedback.reset_prob} must lie in [0, 1]")
+
+
+def _initial_pool(task, n: int, num_components: int) -> GMM:
+    from inference.filters import initial_gmm
+
+    return initial_gmm(task, n, num_components)
+
+
+def _next_pool(task, feedback: PriorFeedback, posterior: GMM, key, step) -> tuple[GMM, jax.Array]:
+    """Predicts each pool entry's posterior to its next prior; restarts some entries. Returns the new pool
+    and the restart mask."""
+    from inference.filters import gaussian_predict
+
+    posterior = jax.lax.stop_gradient(posterior)
+    nxt = gaussian_predict(posterior, jnp.asarray(task.A), task.Q)
+    n, k = nxt.logits.shape
+    log_diag = jnp.log(jnp.diagonal(nxt.scale_tril, axis1=-2, axis2=-1))
+    sane = (
+        jnp.all(jnp.isfinite(nxt.logits), -1)
+        & jnp.all(jnp.isfinite(nxt.means) & (jnp.abs(nxt.means) <= feedback.max_abs_mean), (-2, -1))
+        & jnp.all(jnp.isfinite(log_diag) & (log_diag <= feedback.max_log_scale), (-2, -1))
+    )
+    reset = (jax.random.uniform(key, (n,)) < feedback.reset_prob) | ~sane
+    reset = reset | (step < feedback.start_step)
+    init = _initial_pool(task, n, k)
+    logits = nxt.logits - jax.scipy.special.logsumexp(nxt.logits, -1, keepdims=True)
+    pool = GMM(
+        jnp.where(reset[:, None], init.logits, logits),
+        jnp.where(reset[:, None, None], init.means, nxt.means),
+        jnp.where(reset[:, None, None, None], init.scale_tril, nxt.scale_tril),
+    )
+    return pool, reset
+
+
 def nll_loss(
     model: DistributionTransformer,
     params,
     problem: Problem,
     use_prior_loss: bool = True,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return_posterior: bool = False,
+):
     """The training loss on one batch: posterior NLL (+ prior NLL) of the true latents, `nanmean` over the
-    batch. Returns `(loss, metrics)` with `prior_nll` and `posterior_nll` (sample space)."""
+    batch. Returns `(loss, metrics)` with `prior_nll` and `posterior_nll` (sample space); with
+    `return_posterior`, `(loss, (metrics, posterior))`."""
     prior_q, post_q = model.apply(params, problem.prior, problem.observations, return_prior=True)
-    posterior_nll = jnp.nanmean(-post_q.log_prob(problem.target))
+    posterior_nlls = -post_q.log_prob(problem.target)
+    posterior_nll = jnp.nanmean(posterior_nlls)
     prior_nll = jnp.nanmean(-prior_q.log_prob(problem.target))
     loss = posterior_nll + prior_nll if use_prior_loss else posterior_nll
-    return loss, {"loss": loss, "posterior_nll": posterior_nll, "prior_nll": prior_nll}
+    metrics = {"loss": loss, "posterior_nll": posterior_nll, "prior_nll": prior_nll}
+    if return_posterior:
+        return loss, (dict(metrics, posterior_nlls=posterior_nlls), post_q)
+    return loss, metrics
 
 
-def init_state(model: DistributionTransformer, task, optimizer, key: jax.Array) -> dict:
-    """Initial train state `{"params", "opt_state"}` from a small batch of the task (jitted)."""
+def init_state(
+    model: DistributionTransformer,
+    task,
+    optimizer,
+    key: jax.Array,
+    *,
+    feedback: PriorFeedback | None = None,
+    batch_size: int | None = None,
+) -> dict:
+    """Initial train state `{"params", "opt_state"}` from a small batch of the task (jitted); with
+    `feedback`, also `"pool"`: `feedback.pool_size(batch_size)` copies of the filter's initial prior."""
+    _check_feedback(task, feedback)
+    if feedback is not None and batch_size is None:
+        raise ValueError("init_state(feedback=...) needs the batch_size the pool is sized for")
 
     def init(key):
         problem = task.sample(jax.random.fold_in(key, 1), 2)
         params = model.init(jax.random.fold_in(key, 2), problem.prior, problem.observations)
-        return {"params": params, "opt_state": optimizer.init(params)}
+        state = {"params": params, "opt_state": optimizer.init(params)}
+        if feedback is not None:
+            state["pool"] = _initial_pool(
+                task, feedback.pool_size(batch_size), problem.prior.num_components
+            )
+        return state
 
     return jax.jit(init)(key)
 
@@ -78,27 +182,45 @@ def make_train_step(
     key: jax.Array,
     use_prior_loss: bool = True,
     batch_sharding: jax.sharding.Sharding | None = None,
+    feedback: PriorFeedback | None = None,
 ) -> Callable[[dict, int], tuple[dict, Mapping[str, jax.Array]]]:
     """A jitted `step_fn(state, step) -> (state, metrics)` with the state donated.
 
     The step's randomness is `fold_in(key, step)`, so the step is a pure function of (state, step) and a
     resumed run redraws exactly the same batches. With `batch_sharding` the sampled problems are constrained
-    to it (the batch axis split over a `data` mesh; parameters stay replicated).
+    to it (the batch axis split over a `data` mesh; parameters stay replicated). With `feedback` (the state
+    from `init_state(..., feedback=...)`), the last `feedback.pool_size(batch_size)` problems of each batch
+    use the pool's priors, and the metrics add `feedback_posterior_nll` and `feedback_resets`.
     """
+    _check_feedback(task, feedback)
+    n_fb = feedback.pool_size(batch_size) if feedback is not None else 0
 
     def step_fn(state, step):
-        problem = task.sample(jax.random.fold_in(key, step), batch_size)
+        k_step = jax.random.fold_in(key, step)
+        problem = task.sample(k_step, batch_size - n_fb)
+        if feedback is not None:
+            fed = task.sample_given_prior(jax.random.fold_in(k_step, 1), state["pool"])
+            problem = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), problem, fed)
         if batch_sharding is not None:
             problem = jax.lax.with_sharding_constraint(problem, batch_sharding)
 
         def loss_fn(params):
-            return nll_loss(model, params, problem, use_prior_loss)
+            return nll_loss(model, params, problem, use_prior_loss, return_posterior=True)
 
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(state["params"])
+        grads, (metrics, posterior) = jax.grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        nlls = metrics.pop("posterior_nlls")
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-        return {"params": params, "opt_state": opt_state}, metrics
+        new_state = {"params": params, "opt_state": opt_state}
+        if feedback is not None:
+            pool, reset = _next_pool(
+                task, feedback, posterior[batch_size - n_fb :], jax.random.fold_in(k_step, 2), step
+            )
+            new_state["pool"] = pool
+            metrics["feedback_posterior_nll"] = jnp.nanmean(nlls[batch_size - n_fb :])
+            metrics["feedback_resets"] = jnp.mean(reset.astype(jnp.float32))
+        return new_state, metrics
 
     return jax.jit(step_fn, donate_argnums=(0,))
 

@@ -8,9 +8,10 @@ and the sample-space transform f that puts the latent on R^d.
   Lambda_j^{-1}; x ~ GMM; z = H x + N(0, R). Exact posterior: `inference.exact.linear_gaussian_posterior`.
 * `InverseGammaTask`, task (b) (paper Sec. 4.1): alpha, beta ~ IG(a, b) each (wide: IG(4, 6); narrow:
   IG(1e4, 2e4)); sigma^2 ~ IG(alpha, beta); z ~ N(0, sigma^2). The GMM lives on log sigma^2.
-* `SensorFusionTask`, task (c) (Sec. 4.3.1): a 4-D state (px, vx, py, vy) with a GMM meta-prior, a rangefinder
-  (0.7 N(r, (0.1 (r + 1))^2) + 0.2 Exp(1) + 0.1 U(0, 10), clipped to [0, 10]) and a bearing sensor
-  (atan2(px, py) + N(0, 0.1^2), wrapped). `rangefinder_log_prob` orders the mixture components exactly as the
+* `SensorFusionTask`, task (c) (Sec. 4.3.1): a 4-D state (px, vx, py, vy) with the official config's GMM
+  meta-prior (`default_scale_multiple: 16` scales both the means' covariance and the Wishart's scale matrix),
+  a rangefinder (0.7 N(r, (0.1 (r + 1))^2) + 0.2 Exp(1) + 0.1 U(0, 10), clipped to [0, 10]) and a bearing
+  sensor (atan2(px, py) + N(0, 0.1^2), wrapped). `rangefinder_log_prob` orders the mixture components exactly as the
   sampler does; the official code stacks them as [normal, uniform, exp] against weights for [normal, exp,
   uniform], a bug fixed here. The LTI motion model (A, Q, x0) of the filtering experiment is here too.
 * `GPHyperpriorTask`, task (d) (Sec. 4.2.1): y* ~ N(m, s), l ~ Gamma(3, 6), 10 noisy points from the GP
@@ -59,22 +60,25 @@ def _dirichlet_logits(key, concentration: float, shape) -> jax.Array:
     return jax.random.loggamma(key, concentration, shape)
 
 
-def _inverse_wishart_cholesky(key, dim: int, df: float, shape, min_precision: float = 1e-6):
-    """Lower Cholesky factors L of Sigma = Lambda^{-1}, Lambda ~ Wishart(df, I), `shape + (d, d)`.
+def _inverse_wishart_cholesky(
+    key, dim: int, df: float, shape, min_precision: float = 1e-6, precision_scale: float = 1.0
+):
+    """Lower Cholesky factors L of Sigma = Lambda^{-1}, Lambda ~ Wishart(df, s I), `shape + (d, d)`.
 
-    Bartlett: Lambda = M M^T with M upper triangular (the reversed Bartlett factor, which has the same law
+    Bartlett: Lambda = s M M^T with M upper triangular (the reversed Bartlett factor, which has the same law
     since Wishart(df, I) is invariant to permutations), M_ii = sqrt(chi2(df - d + 1 + i)), M_ij ~ N(0, 1) for
-    j > i; then L = M^{-T} is lower triangular with diagonal 1 / M_ii. The diagonal of M is floored at
-    sqrt(min_precision) (the role of the official meta-prior's `scale_eps`).
+    j > i; then L = M^{-T} / sqrt(s) is lower triangular with diagonal 1 / (sqrt(s) M_ii). The diagonal of
+    sqrt(s) M is floored at sqrt(min_precision) (the role of the official meta-prior's `scale_eps`).
     """
     k_chi, k_off = jax.random.split(key)
     dofs = df - (dim - 1) + jnp.arange(dim, dtype=jnp.float32)  # chi2 dofs df - d + 1 .. df
     chi2 = 2.0 * jax.random.gamma(k_chi, dofs / 2.0, shape + (dim,))
-    diag = jnp.sqrt(jnp.maximum(chi2, min_precision))
+    diag = jnp.sqrt(jnp.maximum(chi2, min_precision / precision_scale))
     off = jnp.triu(jax.random.normal(k_off, shape + (dim, dim)), 1)
     M = off + diag[..., None, :] * jnp.eye(dim)
     eye = jnp.broadcast_to(jnp.eye(dim), M.shape)
-    return solve_triangular(jnp.swapaxes(M, -1, -2), eye, lower=True)
+    L = solve_triangular(jnp.swapaxes(M, -1, -2), eye, lower=True)
+    return L / math.sqrt(precision_scale)
 
 
 def sample_gmm_meta_prior(
@@ -86,17 +90,37 @@ def sample_gmm_meta_prior(
     loc_mean=0.0,
     loc_scale: float = 1.0,
     wishart_df: float | None = None,
+    precision_scale: float = 1.0,
+    min_precision: float = 1e-6,
 ) -> GMM:
     """Draws GMM priors from the conjugate meta-prior of the paper's code (reference notes Sec. 3):
-    w ~ Dir(1/k), mu_j ~ N(loc_mean, loc_scale^2 I), Sigma_j^{-1} ~ Wishart(df = d + 1 by default, I)."""
+    w ~ Dir(1/k), mu_j ~ N(loc_mean, loc_scale^2 I), Sigma_j^{-1} ~ Wishart(df = d + 1 by default,
+    precision_scale I).
+
+    The official `GaussianMixtureModelConjugateMetaPrior(default_scale_multiple=m)` multiplies *both* default
+    scale matrices by m: the means' covariance (loc_scale = sqrt(m)) and the Wishart's scale matrix
+    (precision_scale = m, so the components' covariances shrink by 1 / m). `meta_prior_kwargs` gives both.
+    """
     k_w, k_mu, k_cov = jax.random.split(key, 3)
     logits = _dirichlet_logits(k_w, 1.0 / num_components, (batch, num_components))
     means = jnp.asarray(loc_mean) + loc_scale * jax.random.normal(
         k_mu, (batch, num_components, dim)
     )
     df = dim + 1.0 if wishart_df is None else wishart_df
-    tril = _inverse_wishart_cholesky(k_cov, dim, df, (batch, num_components))
+    tril = _inverse_wishart_cholesky(
+        k_cov, dim, df, (batch, num_components), min_precision, precision_scale
+    )
     return GMM(logits - jax.scipy.special.logsumexp(logits, -1, keepdims=True), means, tril)
+
+
+def meta_prior_kwargs(default_scale_multiple: float = 1.0, scale_eps: float = 1e-6) -> dict:
+    """`sample_gmm_meta_prior` arguments equivalent to the official meta-prior's `default_scale_multiple` m
+    and `scale_eps`: mean covariance m I (loc_scale = sqrt(m)) and Wishart scale matrix m I."""
+    return {
+        "loc_scale": math.sqrt(default_scale_multiple),
+        "precision_scale": float(default_scale_multiple),
+        "min_precision": float(scale_eps),
+    }
 
 
 # ------------------------------------------------------------------------------------------ task (a)
@@ -245,13 +269,16 @@ def bearing_log_prob(b, true_bearing, *, scale=0.1):
 class SensorFusionTask:
     """Task (c): 4-D state (px, vx, py, vy), a rangefinder r = ||(px, py)|| and a bearing atan2(px, py).
 
-    Training draws GMM priors from the conjugate meta-prior with means ~ N(0, loc_scale^2 I) (loc_scale = 4,
-    our reading of the official `default_scale_multiple: 16` as a variance multiple), x ~ prior, and one reading
-    of each sensor. The filtering experiment uses the LTI motion model `A`, `Q = F F^T`, x0 ~ N(x0_mean, I).
+    Training draws GMM priors from the official config's conjugate meta-prior (`default_scale_multiple: 16`,
+    `scale_eps: 1e-4`): means ~ N(0, 16 I) and precisions ~ Wishart(5, 16 I), i.e. component covariances
+    1/16 of those of Wishart(5, I) (`meta_prior_kwargs`); then x ~ prior and one reading of each sensor. The
+    filtering experiment uses the LTI motion model `A`, `Q = F F^T`, x0 ~ N(x0_mean, I).
     """
 
     num_components: int = 4
-    loc_scale: float = 4.0
+    default_scale_multiple: float = 16.0
+    scale_eps: float = 1e-4
+    wishart_scale: float | None = None  # None: default_scale_multiple; 1.0: the means-only reading
     range_scale: float = 0.1
     range_rate: float = 1.0
     max_range: float = 10.0
@@ -332,13 +359,29 @@ class SensorFusionTask:
         obs = jax.vmap(self.sample_observations)(jax.random.split(k_obs, num_steps), xs)
         return xs, obs
 
-    def sample(self, key, batch: int) -> Problem:
-        k_prior, k_x, k_z = jax.random.split(key, 3)
-        prior = sample_gmm_meta_prior(
-            k_prior, batch, self.num_components, 4, loc_scale=self.loc_scale
-        )
+    def sample_given_prior(self, key, prior: GMM) -> Problem:
+        """Training triples for given GMM priors (batch `[B]`): x ~ prior and one reading of each sensor."""
+        k_x, k_z = jax.random.split(key)
         x = prior.sample(k_x, 1)[0]
         return Problem(prior, x, self.sample_observations(k_z, x), {})
+
+    def sample(self, key, batch: int) -> Problem:
+        k_prior, k_rest = jax.random.split(key)
+        prior = sample_gmm_meta_prior(
+            k_prior,
+            batch,
+            self.num_components,
+            4,
+            **self.meta_prior_kwargs(),
+        )
+        return self.sample_given_prior(k_rest, prior)
+
+    def meta_prior_kwargs(self) -> dict:
+        """`sample_gmm_meta_prior` arguments of the training meta-prior."""
+        kw = meta_prior_kwargs(self.default_scale_multiple, self.scale_eps)
+        if self.wishart_scale is not None:
+            kw["precision_scale"] = float(self.wishart_scale)
+        return kw
 
 
 # ------------------------------------------------------------------------------------------ task (d)
@@ -537,4 +580,6 @@ __all__ = [
     "TASKS",
     "make_task",
     "model_kwargs",
+    "sample_gmm_meta_prior",
+    "meta_prior_kwargs",
 ]
