@@ -93,6 +93,15 @@ def _check_config(config) -> None:
             c.model.num_components >= 1, f"tasks.{name}.model.num_components must be >= 1"
         )
         runtime.check(c.eval.num_problems >= 2, f"tasks.{name}.eval.num_problems must be >= 2")
+        fb = c.train.get("feedback_fraction", 0.0)
+        runtime.check(
+            0.0 <= fb < 1.0, f"tasks.{name}.train.feedback_fraction={fb} must lie in [0, 1)"
+        )
+        runtime.check(
+            fb == 0.0 or c.task == "sensor_fusion",
+            f"tasks.{name}.train.feedback_fraction={fb}: self-fed priors need a filtering task "
+            f"(sensor_fusion), not {c.task!r}; set it to 0",
+        )
         for key in ("nuts_problems", "svi_problems"):
             runtime.check(
                 0 <= c.baselines[key] <= c.eval.num_problems,
@@ -110,8 +119,12 @@ def build(c) -> tuple:
     kw = {}
     factory = dt_tasks.TASKS[c.task]
     cls = getattr(factory, "__self__", factory)  # a class, or the class of a classmethod preset
-    if "num_components" in {f.name for f in dataclasses.fields(cls)}:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if "num_components" in fields:
         kw["num_components"] = c.model.num_components
+    for k, v in c.get("task_kwargs", {}).items():
+        runtime.check(k in fields, f"task_kwargs.{k}: {cls.__name__} has no field {k!r}")
+        kw[k] = v
     task = dt_tasks.make_task(c.task, **kw)
     mk = dt_tasks.model_kwargs(task)
     mk["num_components"] = c.model.num_components
@@ -141,7 +154,16 @@ def train(c, task, model, wd: runtime.Workdir, desc: str):
         t.learning_rate, t.num_steps, t.warmup_steps, t.weight_decay
     )
     key = jax.random.key(c.seed)
-    state = dt_training.init_state(model, task, optimizer, key)
+    feedback = None
+    if t.get("feedback_fraction", 0.0) > 0:
+        feedback = dt_training.PriorFeedback(
+            fraction=t.feedback_fraction,
+            reset_prob=t.feedback_reset_prob,
+            start_step=t.feedback_start,
+        )
+    state = dt_training.init_state(
+        model, task, optimizer, key, feedback=feedback, batch_size=t.batch_size
+    )
     sharding = None
     n_dev = jax.device_count()
     if n_dev > 1 and t.batch_size % n_dev == 0:
@@ -156,6 +178,7 @@ def train(c, task, model, wd: runtime.Workdir, desc: str):
         key=key,
         use_prior_loss=t.use_prior_loss,
         batch_sharding=sharding,
+        feedback=feedback,
     )
     start = time.perf_counter()
     state = runtime.train(
@@ -407,13 +430,14 @@ def evaluate_filtering(name, c, task, model, params, key) -> dict:
         f"DT-{c.model.num_components}": jax.jit(
             lambda s, o: filters.dt_filter(posterior_fn, params, task, s, o, c.model.num_components)
         ),
-        f"PF-{b.pf_particles}": jax.jit(
+        "EKF": jax.jit(lambda s, o: filters.extended_kalman_filter(task, s, o)),
+    }
+    if b.pf_particles > 0:  # pf_particles=0 skips the (slow) particle filter
+        runs[f"PF-{b.pf_particles}"] = jax.jit(
             lambda s, o: filters.bootstrap_particle_filter(
                 jax.random.fold_in(key, 1), task, s, o, b.pf_particles
             )
-        ),
-        "EKF": jax.jit(lambda s, o: filters.extended_kalman_filter(task, s, o)),
-    }
+        )
     res = {"methods": {}, "series": b.filter_series, "steps": b.filter_steps}
     for label, fn in runs.items():
         jax.block_until_ready(fn(states, obs))
