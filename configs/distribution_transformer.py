@@ -78,6 +78,7 @@ def _entry(
             svi_steps=2000,
             svi_learning_rate=0.01,
             svi_particles=10,
+            svi_gmm_components=4,  # the Gaussian-mixture guide; 0 skips it
             is_samples=20_000,
             pf_particles=1000,
             filter_series=100,
