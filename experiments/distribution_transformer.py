@@ -427,7 +427,7 @@ def evaluate_filtering(name, c, task, model, params, key) -> dict:
     states, obs = task.simulate(jax.random.fold_in(key, 0), b.filter_series, b.filter_steps)
     posterior_fn = lambda p, prior, o: model.apply(p, prior, o)  # noqa: E731
     runs = {
-        f"DT-{c.model.num_components}": jax.jit(
+        f"DT-{c.model.num_components}": dt_training.jit(
             lambda s, o: filters.dt_filter(posterior_fn, params, task, s, o, c.model.num_components)
         ),
         "EKF": jax.jit(lambda s, o: filters.extended_kalman_filter(task, s, o)),

@@ -28,6 +28,7 @@ only for meta-prior draws, which after many steps look different (the train/test
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 
 import jax
@@ -37,6 +38,30 @@ import optax
 from models.distribution_transformer import DistributionTransformer
 from models.dt_tasks import Problem
 from models.gmm import GMM
+
+# XLA:CPU's YNNPACK fusions pull a whole post-LN layer of this model (attention core, three LayerNorms, FFN) into
+# one library call, which materialises every broadcast constant at full size and runs the small-token maths slowly.
+# Plain XLA fusions with library dots are faster for this model (DT-5 on 1,000 problems: 34 -> 27 ms; a training
+# step at batch 384: 71 -> 58 ms) but not for the scaled MLPs' large matmuls, so it is set per program, not per
+# process.
+_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def _compiler_options() -> tuple[tuple[str, str], ...]:
+    """The options above on the CPU backend if this jaxlib knows them, else none."""
+    if jax.default_backend() != "cpu":
+        return ()
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(1.0).compile()
+    except Exception:  # an XLA without the option: keep its defaults
+        return ()
+    return tuple(_CPU_COMPILER_OPTIONS.items())
+
+
+def jit(fn: Callable, **kwargs) -> Callable:
+    """`jax.jit` with the compiler options this model runs fastest with (see `_CPU_COMPILER_OPTIONS`)."""
+    return jax.jit(fn, compiler_options=dict(_compiler_options()) or None, **kwargs)
 
 
 def make_optimizer(
@@ -222,7 +247,7 @@ def make_train_step(
             metrics["feedback_resets"] = jnp.mean(reset.astype(jnp.float32))
         return new_state, metrics
 
-    return jax.jit(step_fn, donate_argnums=(0,))
+    return jit(step_fn, donate_argnums=(0,))
 
 
 def make_posterior_fn(model: DistributionTransformer, slices: int | None = None) -> Callable:
@@ -232,7 +257,7 @@ def make_posterior_fn(model: DistributionTransformer, slices: int | None = None)
     is cut into `slices` near-equal parts that go through the model independently and are concatenated
     back; the result is the same. XLA's CPU runtime runs the independent parts' small operations
     concurrently, which keeps both cores of a small machine busy better than one batch of small operations
-    does (the paper's DT-5 on 1,000 problems: ~68 ms whole, ~55 ms in 2 slices on the 2-core CPU).
+    does (the paper's DT-5 on 1,000 problems, 2-core CPU: ~30 ms whole, ~28 ms in 2 slices).
     Default: 2 on the CPU, 1 (whole batch) on accelerators. Batches smaller than `slices` run whole.
     """
     if slices is None:
@@ -252,7 +277,7 @@ def make_posterior_fn(model: DistributionTransformer, slices: int | None = None)
         ]
         return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
 
-    return jax.jit(posterior)
+    return jit(posterior)
 
 
 def sequential_posterior(

@@ -260,3 +260,30 @@ def test_posterior_fn_in_slices_equals_the_whole_batch(gmm_setup):
     one = jax.tree.map(lambda a: a[0], (prior, obs))
     single = dt_training.make_posterior_fn(model, slices=2)(params, *one)
     np.testing.assert_allclose(single.means, whole.means[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_keys", [0, 1, 3])  # 0: self-attention
+def test_attention_equals_flax_multi_head_attention_with_the_same_parameters(num_keys):
+    """`Attention` (fused projections, broadcast-sum core, the one-key shortcut) is Flax's
+    MultiHeadDotProductAttention: the same parameter tree from the same key, and the same outputs for it."""
+    import flax.linen as nn
+
+    from models.distribution_transformer import Attention
+
+    kx, km, kp, kn = jax.random.split(jax.random.key(3), 4)
+    x = jax.random.normal(kx, (7, 5, 32))
+    memory = jax.random.normal(km, (7, num_keys, 32)) if num_keys else None
+    ours = Attention(num_heads=4, d_model=32)
+    peer = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32)
+    params = ours.init(kp, x, memory)
+    peer_params = peer.init(kp, x, x if memory is None else memory)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, peer_params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(peer_params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    params = jax.tree.map(  # non-zero biases too
+        lambda a: a + 0.1 * jax.random.normal(kn, a.shape), params
+    )
+    got = ours.apply(params, x, memory)
+    want = peer.apply(params, x, x if memory is None else memory)
+    assert got.shape[-1] == 32
+    np.testing.assert_allclose(jnp.broadcast_to(got, want.shape), want, rtol=1e-5, atol=1e-5)
