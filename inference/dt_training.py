@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from inference.filters import gaussian_predict, initial_gmm
 from models.distribution_transformer import DistributionTransformer
 from models.dt_tasks import Problem
 from models.gmm import GMM
@@ -117,17 +118,9 @@ def _check_feedback(task, feedback: PriorFeedback | None) -> None:
         raise ValueError(f"PriorFeedback.reset_prob={feedback.reset_prob} must lie in [0, 1]")
 
 
-def _initial_pool(task, n: int, num_components: int) -> GMM:
-    from inference.filters import initial_gmm
-
-    return initial_gmm(task, n, num_components)
-
-
 def _next_pool(task, feedback: PriorFeedback, posterior: GMM, key, step) -> tuple[GMM, jax.Array]:
     """Predicts each pool entry's posterior to its next prior; restarts some entries. Returns the new pool
     and the restart mask."""
-    from inference.filters import gaussian_predict
-
     posterior = jax.lax.stop_gradient(posterior)
     nxt = gaussian_predict(posterior, jnp.asarray(task.A), task.Q)
     n, k = nxt.logits.shape
@@ -139,7 +132,7 @@ def _next_pool(task, feedback: PriorFeedback, posterior: GMM, key, step) -> tupl
     )
     reset = (jax.random.uniform(key, (n,)) < feedback.reset_prob) | ~sane
     reset = reset | (step < feedback.start_step)
-    init = _initial_pool(task, n, k)
+    init = initial_gmm(task, n, k)
     logits = nxt.logits - jax.scipy.special.logsumexp(nxt.logits, -1, keepdims=True)
     pool = GMM(
         jnp.where(reset[:, None], init.logits, logits),
@@ -190,7 +183,7 @@ def init_state(
         params = model.init(jax.random.fold_in(key, 2), problem.prior, problem.observations)
         state = {"params": params, "opt_state": optimizer.init(params)}
         if feedback is not None:
-            state["pool"] = _initial_pool(
+            state["pool"] = initial_gmm(
                 task, feedback.pool_size(batch_size), problem.prior.num_components
             )
         return state
