@@ -519,12 +519,17 @@ def _plot(results: dict, wd: runtime.Workdir) -> None:
                 ax.errorbar(
                     t, max(m["kl"]["mean"], 1e-6), yerr=m["kl"]["sem"], fmt="o", label=label
                 )
-            paper = PAPER.get(name, {})
-            for label, entry in paper.items():
-                if label != "metric" and label.startswith("DT") and entry[1]:
-                    ax.plot(entry[1] / 1000, entry[0], "k*", label=f"paper {label} (GPU)")
+            paper = [(k, v) for k, v in PAPER.get(name, {}).items() if k != "metric" and v[1]]
+            for i, (label, (value, batch_s)) in enumerate(paper):
+                marker = "*" if label.startswith("DT") else "x"
+                ax.plot(
+                    batch_s / 1000, value, "k" + marker, label="paper (GPU)" if i == 0 else None
+                )
+                ax.annotate(label, (batch_s / 1000, value), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
             ax.set_xscale("log")
             ax.set_yscale("log")
+            ax.margins(0.15)
             ax.set_xlabel("wall time per problem [s]")
             ax.set_ylabel("expected KL(exact || q)")
         ax.set_title(name)
