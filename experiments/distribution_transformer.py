@@ -326,6 +326,22 @@ def evaluate_static(name, c, task, model, params, key) -> dict:
         num_problems=e.num_problems,
     )
     res["methods"][f"DT-{c.model.num_components}"] = dt
+    if e.get("extra_problem_sets", 0) > 0:
+        means, sems = [dt["kl"]["mean"]], [dt["kl"]["sem"]]
+        for s in range(1, e.extra_problem_sets + 1):
+            extra = task.sample(jax.random.fold_in(key, 100 + s), e.num_problems)
+            q_extra = posterior_fn(params, extra.prior, extra.observations)
+            kl = score(
+                task, extra, q_extra, jax.random.fold_in(key, 200 + s), e.num_kl_samples, e.chunk
+            )
+            means.append(kl["kl"]["mean"])
+            sems.append(kl["kl"]["sem"])
+        res["dt_problem_sets"] = {
+            "problems_per_set": e.num_problems,
+            "set_means": means,
+            "mean": float(np.mean(means)),
+            "sem": float(np.sqrt(np.sum(np.square(sems))) / len(means)),
+        }
     if not isinstance(task, dt_tasks.SensorFusionTask):
         try:
             res["reference_nll"] = reference_nll(task, prob, e.chunk)
@@ -606,6 +622,13 @@ def report(results: dict, workdir: str) -> str:
             lines.append(
                 f"  Posteriors for {dt['num_problems']} problems in {1e3 * dt['batch_s_min']:.1f} ms "
                 f"(median {1e3 * dt['batch_s_median']:.1f} ms)."
+            )
+        if "dt_problem_sets" in r:
+            sets = r["dt_problem_sets"]
+            lines.append(
+                f"  Over {len(sets['set_means'])} independent sets of {sets['problems_per_set']} problems "
+                f"its expected KL is {_fmt(sets['mean'])} ± {_fmt(sets['sem'])} (set means "
+                f"{_fmt(min(sets['set_means']))} to {_fmt(max(sets['set_means']))})."
             )
         if "NUTS" in r["methods"] and "batch_s_min" in dt:
             ratio = r["methods"]["NUTS"]["per_problem_s"] / dt["per_problem_s"]

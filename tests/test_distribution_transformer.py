@@ -232,13 +232,18 @@ def test_smoke_experiment_writes_results_and_is_not_redone(tmp_path, monkeypatch
     config = cfg.get_config("smoke")
     entry = config.tasks.gmm_linear
     entry.baselines.update(nuts_problems=0, svi_problems=0)
+    entry.eval.extra_problem_sets = 2
     config.tasks = ml_collections.ConfigDict({"gmm_linear": entry})
     results = dtx.run(config, str(tmp_path))
     methods = results["tasks"]["gmm_linear"]["methods"]
     assert {"DT-2", "prior (no update)"} <= set(methods)
     assert np.isfinite(methods["DT-2"]["kl"]["mean"])
+    sets = results["tasks"]["gmm_linear"]["dt_problem_sets"]
+    assert sets["set_means"][0] == methods["DT-2"]["kl"]["mean"] and len(set(sets["set_means"])) == 3
+    assert sets["mean"] == pytest.approx(np.mean(sets["set_means"])) and sets["sem"] > 0
     assert (tmp_path / "distribution_transformer.png").exists()
-    assert "](./distribution_transformer.png)" in dtx.report(results, str(tmp_path))
+    text = dtx.report(results, str(tmp_path))
+    assert "](./distribution_transformer.png)" in text and "3 independent sets" in text
     # a finished run is read back, not redone
     monkeypatch.setattr(dtx, "train", lambda *a, **k: pytest.fail("a finished run was retrained"))
     assert dtx.run(config, str(tmp_path)) == results
