@@ -131,6 +131,8 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, memory=None):
         d, h = self.d_model, self.num_heads
+        if d % h:
+            raise ModelInputError(f"d_model={d} must be divisible by num_heads={h}")
         head = (h, d // h)
         (wq, bq), (wk, bk), (wv, bv) = (
             _Projection((x.shape[-1],), head, name=n)() for n in ("query", "key", "value")
