@@ -303,6 +303,11 @@ def silverman_kde(samples) -> GMM:
     return GMM(q.logits, q.means, q.scale_tril * math.sqrt(1.06 * n ** (-0.2)))
 
 
+def _in_sample_order(q: GMM, order) -> GMM:
+    """An SVI guide over numpyro's site order, with its dimensions put in the task's sample order."""
+    return q if order is None else q.marginal(order)
+
+
 def evaluate_static(name, c, task, model, params, key) -> dict:
     """Transformer and baselines on `eval.num_problems` unseen problems of a static task."""
     e, b = c.eval, c.baselines
@@ -383,11 +388,7 @@ def evaluate_static(name, c, task, model, params, key) -> dict:
             learning_rate=b.svi_learning_rate,
             num_particles=b.svi_particles,
         )
-        if order is not None:
-            perm = jnp.asarray(order)
-            cov = tril @ jnp.swapaxes(tril, -1, -2)
-            loc, tril = loc[:, perm], jnp.linalg.cholesky(cov[:, perm][:, :, perm])
-        q_svi = GMM.gaussian(loc, tril)
+        q_svi = _in_sample_order(GMM.gaussian(loc, tril), order)
         sub = slice_batch(prob, 0, b.svi_problems)
         svi = score(task, sub, q_svi, jax.random.fold_in(key, 4), e.num_kl_samples, e.chunk)
         svi.update(timing, num_problems=b.svi_problems)
@@ -403,10 +404,7 @@ def evaluate_static(name, c, task, model, params, key) -> dict:
                 learning_rate=b.svi_learning_rate,
                 num_particles=-(-b.svi_particles // k_gmm),
             )
-            if order is not None:
-                perm = jnp.asarray(order)
-                cov = q_mix.covariances[..., perm][..., perm, :]
-                q_mix = GMM(q_mix.logits, q_mix.means[..., perm], jnp.linalg.cholesky(cov))
+            q_mix = _in_sample_order(q_mix, order)
             mix = score(task, sub, q_mix, jax.random.fold_in(key, 4), e.num_kl_samples, e.chunk)
             mix.update(timing, num_problems=b.svi_problems)
             res["methods"][f"SVI (GMM guide, K={k_gmm})"] = mix

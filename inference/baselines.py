@@ -236,23 +236,30 @@ def svi_gaussian(
     return loc, tril, timing
 
 
-def _latent_shapes(model: Callable, args: tuple) -> dict[str, tuple[int, ...]]:
-    """The model's latent sample sites in the order the model samples them, with the shapes of their values in
-    numpyro's unconstrained space; found by abstract evaluation (nothing runs op by op)."""
-    names, discrete = [], []
-
-    def unconstrained(key):
-        trace = numpyro.handlers.trace(numpyro.handlers.seed(model, key)).get_trace(*args)
-        latent = [n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]]
-        names.extend(latent)
-        discrete.extend(n for n in latent if trace[n]["fn"].support.is_discrete)
-        return {n: biject_to(trace[n]["fn"].support).inv(trace[n]["value"]) for n in latent}
-
-    shapes = jax.eval_shape(unconstrained, jax.random.key(0))
+def _unconstrained_draw(model: Callable, key: jax.Array, args: tuple) -> dict[str, jax.Array]:
+    """One draw of the model's latent sites from its own sampling distributions, in the order the model samples
+    them, mapped to numpyro's unconstrained space."""
+    trace = numpyro.handlers.trace(numpyro.handlers.seed(model, key)).get_trace(*args)
+    latent = {n: s for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]}
+    discrete = [n for n, s in latent.items() if s["fn"].support.is_discrete]
     if discrete:
         raise ValueError(
             f"SVI with a Gaussian-mixture guide needs continuous latents; {discrete} are discrete"
         )
+    return {n: biject_to(s["fn"].support).inv(s["value"]) for n, s in latent.items()}
+
+
+def _latent_shapes(model: Callable, args: tuple) -> dict[str, tuple[int, ...]]:
+    """The model's latent sample sites in the order the model samples them, with the shapes of their values in
+    numpyro's unconstrained space; found by abstract evaluation (nothing runs op by op)."""
+    names = []
+
+    def unconstrained(key):
+        values = _unconstrained_draw(model, key, args)
+        names.extend(values)  # the sampling order (eval_shape's output dict is key-sorted)
+        return values
+
+    shapes = jax.eval_shape(unconstrained, jax.random.key(0))
     if not names:
         raise ValueError("the model has no latent sample sites to fit a guide to")
     return {n: shapes[n].shape for n in names}
@@ -343,10 +350,7 @@ def svi_gmm(
         return jnp.concatenate([jnp.reshape(values[n], -1) for n in names])
 
     def prior_draw(key, args_b):
-        trace = numpyro.handlers.trace(numpyro.handlers.seed(model, key)).get_trace(*args_b)
-        return flatten_sites(
-            {n: biject_to(trace[n]["fn"].support).inv(trace[n]["value"]) for n in names}
-        )
+        return flatten_sites(_unconstrained_draw(model, key, args_b))
 
     def to_gmm(params):
         logits, means, raw = params
