@@ -110,9 +110,8 @@ def test_self_fed_priors_are_the_models_predicted_posteriors():
 def test_transformer_filter_trained_with_self_fed_priors_beats_the_ekf():
     """A small DT-4 (3 layers, 2,000 steps of batch 256, 3/4 of each batch self-fed) filters 50 series of 60
     steps with a mean NLL of the true state below 1.5 and at least 1 nat below the EKF's (4.4 on these
-    series). Trained on meta-prior
-    draws alone the filter scores far worse at this budget (14.4 after 3,000 steps in our runs: its
-    posteriors blow up on the filter's priors)."""
+    series). Trained on meta-prior draws alone the filter scores far worse at this budget (14.4 after 3,000
+    steps in our runs: its posteriors blow up on the filter's priors)."""
     from inference import dt_training
     from models.distribution_transformer import DistributionTransformer
 
