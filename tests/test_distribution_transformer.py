@@ -239,7 +239,9 @@ def test_smoke_experiment_writes_results_and_is_not_redone(tmp_path, monkeypatch
     assert {"DT-2", "prior (no update)"} <= set(methods)
     assert np.isfinite(methods["DT-2"]["kl"]["mean"])
     sets = results["tasks"]["gmm_linear"]["dt_problem_sets"]
-    assert sets["set_means"][0] == methods["DT-2"]["kl"]["mean"] and len(set(sets["set_means"])) == 3
+    assert (
+        sets["set_means"][0] == methods["DT-2"]["kl"]["mean"] and len(set(sets["set_means"])) == 3
+    )
     assert sets["mean"] == pytest.approx(np.mean(sets["set_means"])) and sets["sem"] > 0
     assert (tmp_path / "distribution_transformer.png").exists()
     text = dtx.report(results, str(tmp_path))
