@@ -20,7 +20,7 @@ $(VENV)/.interop: $(STAMP)
 	@touch $@
 
 demo: $(STAMP)
-	$(PY) -m experiments.demo --workdir=results/demo
+	$(PY) -m theorax.experiments.demo --workdir=results/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q
@@ -33,7 +33,7 @@ test-interop: $(VENV)/.interop
 
 bench: $(VENV)/.interop
 	@for f in experiments/bench_*.py; do \
-	  echo "== $$f"; $(PY) -m experiments.$$(basename $$f .py) --out=results/bench || exit 1; \
+	  echo "== $$f"; $(PY) -m theorax.experiments.$$(basename $$f .py) --out=results/bench || exit 1; \
 	done
 
 lint: $(STAMP)

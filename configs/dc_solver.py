@@ -1,9 +1,9 @@
 r"""DC-Solver (Zhao et al., ECCV 2024): MSE of fast samplers to the ground-truth sample, with searched ratios.
 
-    python -m experiments.dc_solver --config=configs/dc_solver.py:cpu --workdir=results/dc_solver_cpu
-    python -m experiments.dc_solver --config=configs/dc_solver.py:grid --workdir=results/dc_solver_grid
-    python -m experiments.dc_solver --config=configs/dc_solver.py:learned --workdir=results/dc_solver_digits
-    python -m experiments.dc_solver --config=configs/dc_solver.py:learned --workdir=DIR \
+    python -m theorax.experiments.dc_solver --config=configs/dc_solver.py:cpu --workdir=results/dc_solver_cpu
+    python -m theorax.experiments.dc_solver --config=configs/dc_solver.py:grid --workdir=results/dc_solver_grid
+    python -m theorax.experiments.dc_solver --config=configs/dc_solver.py:learned --workdir=results/dc_solver_digits
+    python -m theorax.experiments.dc_solver --config=configs/dc_solver.py:learned --workdir=DIR \
         --config.data.name=mnist --config.data.dir=../shared/data/mnist
 
 Presets:

@@ -1,7 +1,7 @@
 r"""Distribution Transformers (Whittle et al., arXiv 2502.02463): train on a task's meta-prior, score against exact
 references and numpyro / filtering baselines.
 
-    python -m experiments.distribution_transformer \
+    python -m theorax.experiments.distribution_transformer \
         --config=configs/distribution_transformer.py:cpu --workdir=results/distribution_transformer_cpu
 
 Presets: `smoke` (seconds, for tests), `cpu` (tasks (a) and (b) in a few minutes; the demo), and one per task at

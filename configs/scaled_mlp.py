@@ -1,9 +1,9 @@
 r"""Scaled MLPs ("Scaling MLPs: A Tale of Inductive Bias"): presets of the paper's recipe.
 
-    python -m experiments.scaled_mlp --config=configs/scaled_mlp.py:cpu --workdir=results/scaled_mlp_cpu
-    python -m experiments.scaled_mlp --config=configs/scaled_mlp.py:cifar10 --workdir=DIR \
+    python -m theorax.experiments.scaled_mlp --config=configs/scaled_mlp.py:cpu --workdir=results/scaled_mlp_cpu
+    python -m theorax.experiments.scaled_mlp --config=configs/scaled_mlp.py:cifar10 --workdir=DIR \
         --config.data.dir=../shared/data/cifar10_py
-    python -m experiments.sweep --config=configs/scaled_mlp.py:cpu --workdir=results/scaling_sweep
+    python -m theorax.experiments.sweep --config=configs/scaled_mlp.py:cpu --workdir=results/scaling_sweep
 
 Presets:
   smoke            seconds: a tiny B-MLP on 8x8 digits (tests).

@@ -1,7 +1,7 @@
 r"""Sampling and ratio-search speed of our DC-Solver / UniPC beside diffusers' scheduler loop, in one process run.
 
-    python -m experiments.bench_dc_solver --out=results/bench
-    python -m experiments.bench_dc_solver --points=1000 --nfe=10 --cfg=7.5
+    python -m theorax.experiments.bench_dc_solver --out=results/bench
+    python -m theorax.experiments.bench_dc_solver --points=1000 --nfe=10 --cfg=7.5
 
 Measures, float32 on the CPU (both sides), on the analytic class-conditional Gaussian mixture of the `cpu`
 preset (64 dimensions, 10 classes x 3 components), classifier-free guidance 7.5 (two model evaluations per step):
@@ -27,12 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-
-from configs import dc_solver as dc_config
-from experiments import runtime, timing
-from experiments.dc_solver import make_mixture
-from inference import dc_solver as dcs
-from models import diffusion
+from theorax.configs import dc_solver as dc_config
+from theorax.experiments import runtime, timing
+from theorax.experiments.dc_solver import make_mixture
+from theorax.inference import dc_solver as dcs
+from theorax.models import diffusion
 
 flags.DEFINE_string("out", "results/bench", "Directory for dc_solver.json.")
 flags.DEFINE_integer("points", 1000, "Number of samples.")
@@ -76,8 +75,7 @@ def main(argv):
     if FLAGS.torch:
         import torch
         from diffusers import UniPCMultistepScheduler
-
-        from third_party.dc_solver import TorchMixtureEps
+        from theorax.third_party.dc_solver import TorchMixtureEps
 
         twin = TorchMixtureEps(mixture, schedule, dtype=torch.float32)
         betas = diffusion.sd_scaled_linear_betas()

@@ -1,7 +1,7 @@
 r"""Benchmark: Distribution-Transformer posteriors against numpyro NUTS on task (b), in the same process.
 
-    python -m experiments.bench_distribution_transformer --out=results/bench
-    python -m experiments.bench_distribution_transformer \
+    python -m theorax.experiments.bench_distribution_transformer --out=results/bench
+    python -m theorax.experiments.bench_distribution_transformer \
         --dt_workdir=results/dt_invgamma_wide/invgamma_wide      # a trained entry of the experiment
 
 Measures (issue targets in brackets):
@@ -30,12 +30,13 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags
-
-from experiments import distribution_transformer as dtx
-from experiments import runtime, timing
-from inference import baselines, dt_evaluation, dt_training
-from models import dt_tasks
-from models.distribution_transformer import DistributionTransformer
+from theorax.experiments import distribution_transformer as dtx
+from theorax.experiments import runtime, timing
+from theorax.inference.distribution_transformer import baselines
+from theorax.inference.distribution_transformer import evaluation as dt_evaluation
+from theorax.inference.distribution_transformer import training as dt_training
+from theorax.models.distribution_transformer import DistributionTransformer
+from theorax.models.distribution_transformer import tasks as dt_tasks
 
 flags.DEFINE_string("out", "results/bench", "Directory for distribution_transformer.json.")
 flags.DEFINE_string(
@@ -57,7 +58,7 @@ FLAGS = flags.FLAGS
 
 def _load_entry(path: str | None, out: str):
     if path is None:
-        from configs import distribution_transformer as cfg
+        from theorax.configs import distribution_transformer as cfg
 
         c = cfg.get_config("cpu").tasks.invgamma_wide
         path = os.path.join(out, "distribution_transformer_model")

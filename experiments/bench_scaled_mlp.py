@@ -1,7 +1,7 @@
 r"""Train-step throughput of a scaled MLP beside PyTorch (eager and torch.compile), in one process run.
 
-    python -m experiments.bench_scaled_mlp --out=results/bench            # B-6/Wi-512, 32x32x3, batch 256
-    python -m experiments.bench_scaled_mlp --model=B-12/Wi-1024 --res=64 --batch=1024
+    python -m theorax.experiments.bench_scaled_mlp --out=results/bench            # B-6/Wi-512, 32x32x3, batch 256
+    python -m theorax.experiments.bench_scaled_mlp --model=B-12/Wi-1024 --res=64 --batch=1024
 
 Measures, all float32 on whatever JAX and torch run on here:
 * the machine's float32 matmul rate (best of a large square matmul in JAX and in torch);
@@ -25,10 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-
-from experiments import runtime, timing
-from inference import scaled_mlp_training as recipe_lib
-from models.scaled_mlp import ScaledMLP, forward_flops, parse_architecture
+from theorax.experiments import runtime, timing
+from theorax.inference.scaled_mlp import training as recipe_lib
+from theorax.models.scaled_mlp import ScaledMLP, forward_flops, parse_architecture
 
 flags.DEFINE_string("out", "results/bench", "Directory for scaled_mlp.json.")
 flags.DEFINE_string("model", "B-6/Wi-512", "Architecture.")
@@ -106,8 +105,7 @@ def jax_step_time(model, params, images, labels, augment: bool) -> tuple[float, 
 
 def torch_step_times(depth, width, expansion, num_classes, images, labels) -> dict:
     import torch
-
-    from experiments.torch_peers import TorchBottleneckMLP, TorchLion
+    from theorax.experiments.torch_peers import TorchBottleneckMLP, TorchLion
 
     torch.manual_seed(0)
     x = torch.from_numpy(np.asarray(images, np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()

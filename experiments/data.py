@@ -12,7 +12,7 @@ Formats read (nothing is downloaded at run time):
   `DIR/<name>/data/{data.txt,index_features.txt,index_target.txt,index_train_K.txt,index_test_K.txt}`.
 
 Images come back as uint8 NHWC arrays; augmentation and normalisation happen on the device (see
-`inference.augment`). A missing or malformed dataset raises `DataError` with the path and the expected layout.
+`inference.scaled_mlp.augment`). A missing or malformed dataset raises `DataError` with the path and the expected layout.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 r"""DC-Solver against DDIM, DPM-Solver++ and UniPC: MSE to the ground-truth sample over (NFE, CFG).
 
-    python -m experiments.dc_solver --config=configs/dc_solver.py:cpu --workdir=results/dc_solver_cpu
-    python -m experiments.dc_solver --config=configs/dc_solver.py:learned --workdir=results/dc_solver_digits
-    python -m experiments.dc_solver --config=configs/dc_solver.py:grid --workdir=results/dc_solver_grid
+    python -m theorax.experiments.dc_solver --config=configs/dc_solver.py:cpu --workdir=results/dc_solver_cpu
+    python -m theorax.experiments.dc_solver --config=configs/dc_solver.py:learned --workdir=results/dc_solver_digits
+    python -m theorax.experiments.dc_solver --config=configs/dc_solver.py:grid --workdir=results/dc_solver_grid
 
 For every setting (NFE, CFG) of `eval`: the ground-truth samples of `eval.num_samples` noises (DDIM with
 `eval.gt_nfe` steps, the paper's protocol), the MSE of each sampler's output to them, and for DC-Solver the ratios
@@ -26,11 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-from experiments import runtime
-from inference import dc_solver as dcs
-from models import diffusion
-from third_party import dc_solver as tp
+from theorax.experiments import runtime
+from theorax.inference import dc_solver as dcs
+from theorax.models import diffusion
+from theorax.third_party import dc_solver as tp
 
 METHODS = ("ddim", "dpmsolver++", "unipc", "dc_searched", "dc_cpr")
 LABELS = {
@@ -131,7 +130,7 @@ def make_mixture(config) -> diffusion.GaussianMixture:
 
 
 def _flat_data(config):
-    from experiments import data
+    from theorax.experiments import data
 
     if config.data.name == "digits":
         ds = data.load_digits()

@@ -1,7 +1,7 @@
 r"""The demo: runs the `cpu` preset of every system and writes one report beside the papers' numbers.
 
-    python -m experiments.demo --workdir=results/demo            # what `make demo` runs
-    python -m experiments.demo --workdir=results/demo --systems=scaled_mlp
+    python -m theorax.experiments.demo --workdir=results/demo            # what `make demo` runs
+    python -m theorax.experiments.demo --workdir=results/demo --systems=scaled_mlp
 
 Each system is a module `experiments/<name>.py` with `run(config, workdir) -> results` and
 `report(results, workdir) -> markdown`, and a config `configs/<name>.py` with a `cpu` preset. Finished runs are
@@ -17,8 +17,7 @@ import time
 
 import jax
 from absl import app, flags, logging
-
-from experiments import runtime
+from theorax.experiments import runtime
 
 # Every system adds itself here when it lands.
 SYSTEMS = ("scaled_mlp", "dc_solver", "distribution_transformer")
@@ -30,8 +29,8 @@ FLAGS = flags.FLAGS
 
 
 def run_system(name: str, root: str, preset: str) -> str:
-    module = importlib.import_module(f"experiments.{name}")
-    config = importlib.import_module(f"configs.{name}").get_config(preset)
+    module = importlib.import_module(f"theorax.experiments.{name}")
+    config = importlib.import_module(f"theorax.configs.{name}").get_config(preset)
     workdir = os.path.join(root, name)
     start = time.perf_counter()
     results = module.run(config, workdir)

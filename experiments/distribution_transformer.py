@@ -1,6 +1,6 @@
 r"""Distribution Transformers on the paper's tasks, against exact references and numpyro / filtering baselines.
 
-    python -m experiments.distribution_transformer \
+    python -m theorax.experiments.distribution_transformer \
         --config=configs/distribution_transformer.py:cpu --workdir=results/distribution_transformer_cpu
 
 For every entry of `config.tasks` (each in `WORKDIR/<entry>/`, resumable): train a `DistributionTransformer` on
@@ -29,12 +29,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from experiments import runtime
-from inference import baselines, dt_evaluation, dt_training, filters
-from models import dt_tasks
-from models.distribution_transformer import DistributionTransformer
-from models.gmm import GMM
+from theorax.experiments import runtime
+from theorax.inference.distribution_transformer import baselines, filters
+from theorax.inference.distribution_transformer import evaluation as dt_evaluation
+from theorax.inference.distribution_transformer import training as dt_training
+from theorax.models.distribution_transformer import DistributionTransformer
+from theorax.models.distribution_transformer import tasks as dt_tasks
+from theorax.models.gmm import GMM
 
 # The paper's numbers (arXiv v3, Sec. 4; reference notes Sec. 4). Times: seconds for a batch of 1000 problems
 # (inverse gamma) or per filtering step for a batch of 100 series (sensor fusion).

@@ -9,7 +9,7 @@ An entry point is a module `experiments/<system>.py` with
 
 and is launched as
 
-    python -m experiments.<system> --config=configs/<system>.py:<preset> --workdir=DIR [--config.key=value]
+    python -m theorax.experiments.<system> --config=configs/<system>.py:<preset> --workdir=DIR [--config.key=value]
 
 What this module gives such a `run`:
 

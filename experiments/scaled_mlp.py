@@ -1,7 +1,7 @@
 r"""Trains, fine-tunes and evaluates the scaled MLPs of "Scaling MLPs: A Tale of Inductive Bias".
 
-    python -m experiments.scaled_mlp --config=configs/scaled_mlp.py:cpu --workdir=results/scaled_mlp_cpu
-    python -m experiments.scaled_mlp --config=configs/scaled_mlp.py:cifar10 --workdir=DIR \
+    python -m theorax.experiments.scaled_mlp --config=configs/scaled_mlp.py:cpu --workdir=results/scaled_mlp_cpu
+    python -m theorax.experiments.scaled_mlp --config=configs/scaled_mlp.py:cifar10 --workdir=DIR \
         --config.data.dir=/path/with/cifar-10-batches-py [--config.epochs=100]
 
 The workdir gets config.json, metrics.jsonl, TensorBoard events, orbax checkpoints, params.msgpack (the final
@@ -20,12 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization
-
-from experiments import runtime
-from experiments.data import EpochBatches, ImageDataset, load_image_dataset
-from inference import scaled_mlp_training as recipe_lib
-from inference.scaling_law import fit_scaling_law
-from models.scaled_mlp import ScaledMLP, forward_flops, num_params, parse_architecture
+from theorax.experiments import runtime
+from theorax.experiments.data import EpochBatches, ImageDataset, load_image_dataset
+from theorax.inference.scaled_mlp import training as recipe_lib
+from theorax.inference.scaled_mlp.scaling_law import fit_scaling_law
+from theorax.models.scaled_mlp import ScaledMLP, forward_flops, num_params, parse_architecture
 
 # From-scratch CIFAR-10 numbers the paper reports (Table 1, B-6/Wi-1024; quoted from the reference notes,
 # which could not re-verify them) and the released fine-tuned checkpoints (README, verified).
@@ -100,7 +99,7 @@ def initial_params(config, model: ScaledMLP, key: jax.Array):
     params = model.init(key, dummy)
     loaded = None
     if config.init.torch_checkpoint:
-        from third_party.scaling_mlps import load_checkpoint
+        from theorax.third_party.scaling_mlps import load_checkpoint
 
         _, loaded = load_checkpoint(config.init.torch_checkpoint, model.input_shape)
     elif config.init.params_file:

@@ -1,8 +1,8 @@
 r"""Runs every point of a config's `get_sweep()` and gathers their results into one table.
 
-    python -m experiments.sweep --config=configs/scaled_mlp.py:cpu --workdir=results/sweep
-    python -m experiments.sweep --config=configs/scaled_mlp.py:cpu --workdir=DIR --print_commands
-    python -m experiments.sweep --config=configs/scaled_mlp.py:cpu --workdir=DIR --slurm_array=sweep.sbatch
+    python -m theorax.experiments.sweep --config=configs/scaled_mlp.py:cpu --workdir=results/sweep
+    python -m theorax.experiments.sweep --config=configs/scaled_mlp.py:cpu --workdir=DIR --print_commands
+    python -m theorax.experiments.sweep --config=configs/scaled_mlp.py:cpu --workdir=DIR --slurm_array=sweep.sbatch
 
 `get_sweep(arg)` (or `get_sweep()`) in the config file returns a list of override dicts, e.g.
 `[{"model.width": 128, "seed": 0}, ...]`. Each point runs as its own process in `DIR/<point name>/` with the
@@ -25,8 +25,7 @@ import subprocess
 import sys
 
 from absl import app, flags
-
-from experiments import runtime
+from theorax.experiments import runtime
 
 flags.DEFINE_string(
     "config", None, "Config file and preset, as for the entry point: path.py:preset."
@@ -61,7 +60,7 @@ def point_name(overrides: dict) -> str:
 
 
 def point_command(config_spec: str, system: str, workdir: str, overrides: dict) -> list[str]:
-    cmd = [sys.executable, "-m", f"experiments.{system}", f"--config={config_spec}"]
+    cmd = [sys.executable, "-m", f"theorax.experiments.{system}", f"--config={config_spec}"]
     cmd.append(f"--workdir={os.path.join(workdir, point_name(overrides))}")
     cmd += [f"--config.{k}={v}" for k, v in sorted(overrides.items())]
     return cmd
@@ -87,7 +86,7 @@ def gather(system: str, workdir: str, points: list[dict]) -> list[dict]:
                 for k in scalar_keys
             ]
             f.write("| " + " | ".join(cells) + " |\n")
-    module = importlib.import_module(f"experiments.{system}")
+    module = importlib.import_module(f"theorax.experiments.{system}")
     if rows and hasattr(module, "summarize_sweep"):
         module.summarize_sweep(rows, workdir)
     print(f"gathered {len(rows)}/{len(points)} points into {workdir}/sweep.md")

@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jaxtyping import Array, Float
-
-from models.layers import gelu
+from theorax.models.layers import gelu
 
 LAYERNORM_EPS = 1e-5
 

@@ -5,8 +5,7 @@ import pickle
 
 import numpy as np
 import pytest
-
-from experiments import data
+from theorax.experiments import data
 
 
 def write_idx(path, array):

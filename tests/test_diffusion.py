@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from jax.scipy.stats import multivariate_normal
 from scipy import integrate
-
-from models import diffusion as D
+from theorax.models import diffusion as D
 
 # ------------------------------------------------------------------------------------ schedules
 

@@ -5,8 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from models.gmm import GMM, GMMError, SampleSpaceTransform, kl_gmm, validate_gmm
+from theorax.models.gmm import GMM, GMMError, SampleSpaceTransform, kl_gmm, validate_gmm
 
 
 def _random_gmm(key, batch=(), k=3, d=2, dtype=jnp.float32):

@@ -14,10 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
-
-from configs import scaled_mlp as scaled_mlp_config
-from experiments import runtime, sweep
-from experiments import scaled_mlp as scaled_mlp_experiment
+from theorax.configs import scaled_mlp as scaled_mlp_config
+from theorax.experiments import runtime, sweep
+from theorax.experiments import scaled_mlp as scaled_mlp_experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SGD = ("--config.optim.name=sgd", "--config.optim.lr=0.05", "--config.num_steps=12")
@@ -27,7 +26,7 @@ def launch(workdir, *overrides, devices=4, extra_env=None, wait=True):
     cmd = [
         sys.executable,
         "-m",
-        "experiments.scaled_mlp",
+        "theorax.experiments.scaled_mlp",
         "--config=configs/scaled_mlp.py:smoke",
         f"--workdir={workdir}",
         *overrides,
@@ -183,7 +182,7 @@ def test_sweep_commands_gather_and_scaling_fit(tmp_path):
     )
     assert system == "scaled_mlp" and loaded == points
     cmd = sweep.point_command("configs/scaled_mlp.py:cpu", system, str(tmp_path), points[0])
-    assert cmd[1:3] == ["-m", "experiments.scaled_mlp"]
+    assert cmd[1:3] == ["-m", "theorax.experiments.scaled_mlp"]
     assert any(c.startswith("--config.model.name=") for c in cmd)
     # Fake finished points following a known law; the gather fits it back.
     for i, p in enumerate(points):
@@ -236,7 +235,7 @@ def test_finetune_from_own_checkpoint_with_new_head_and_tta(tmp_path):
 )
 def test_use_huge_pages_reexecs_once_with_the_tunable():
     script = (
-        "import os, sys; from experiments import runtime; runtime.use_huge_pages(); "
+        "import os, sys; from theorax.experiments import runtime; runtime.use_huge_pages(); "
         "print(repr(sys.argv[1:]), repr(os.environ.get('GLIBC_TUNABLES', '')))"
     )
 

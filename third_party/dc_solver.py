@@ -15,8 +15,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
-from models import diffusion
+from theorax.models import diffusion
 
 
 def load_cpr_coeffs(path: str) -> np.ndarray:

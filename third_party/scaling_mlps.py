@@ -25,9 +25,8 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
-
-from models.scaled_mlp import ScaledMLP
-from third_party import torch_pickle
+from theorax.models.scaled_mlp import ScaledMLP
+from theorax.third_party import torch_pickle
 
 
 class CheckpointError(ValueError):

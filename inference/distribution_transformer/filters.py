@@ -32,10 +32,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
-
-from inference.baselines import kde_gmm
-from models import dt_tasks
-from models.gmm import GMM
+from theorax.inference.distribution_transformer.baselines import kde_gmm
+from theorax.models.distribution_transformer import tasks as dt_tasks
+from theorax.models.gmm import GMM
 
 
 def gaussian_predict(gmm: GMM, A: jax.Array, Q: jax.Array) -> GMM:

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
-
-from inference import filters
-from models import dt_tasks
+from theorax.inference.distribution_transformer import filters
+from theorax.models.distribution_transformer import tasks as dt_tasks
 
 # ------------------------------------------------------------------------------- linear-Gaussian model
 

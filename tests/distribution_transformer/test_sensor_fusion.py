@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from inference import filters
-from models import dt_tasks
-from models.gmm import GMM
+from theorax.inference.distribution_transformer import filters
+from theorax.models.distribution_transformer import tasks as dt_tasks
+from theorax.models.gmm import GMM
 
 
 def _precisions(gmm: GMM) -> np.ndarray:
@@ -72,8 +71,8 @@ def test_self_fed_priors_are_the_models_predicted_posteriors():
     """With PriorFeedback the pool holds the filter's initial prior at first and while step < start_step;
     after a step without restarts every entry is the model's posterior pushed through the exact predict step
     (so Sigma - Q = A Sigma' A^T is positive definite, and the entry has moved). Bad settings are refused."""
-    from inference import dt_training
-    from models.distribution_transformer import DistributionTransformer
+    from theorax.inference.distribution_transformer import training as dt_training
+    from theorax.models.distribution_transformer import DistributionTransformer
 
     task = dt_tasks.SensorFusionTask()
     model = DistributionTransformer(
@@ -112,8 +111,8 @@ def test_transformer_filter_trained_with_self_fed_priors_beats_the_ekf():
     steps with a mean NLL of the true state below 1.5 and at least 1 nat below the EKF's (4.4 on these
     series). Trained on meta-prior draws alone the filter scores far worse at this budget (14.4 after 3,000
     steps in our runs: its posteriors blow up on the filter's priors)."""
-    from inference import dt_training
-    from models.distribution_transformer import DistributionTransformer
+    from theorax.inference.distribution_transformer import training as dt_training
+    from theorax.models.distribution_transformer import DistributionTransformer
 
     task = dt_tasks.SensorFusionTask()
     model = DistributionTransformer(

@@ -33,9 +33,8 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoMultivariateNormal
 from numpyro.infer.util import potential_energy
-
-from inference import exact
-from models.gmm import GMM
+from theorax.inference.distribution_transformer import exact
+from theorax.models.gmm import GMM
 
 # ------------------------------------------------------------------------------------------------ KDE
 

@@ -6,7 +6,7 @@
   parameter (`optax.lion` does exactly this); SGD with momentum 0.9 and AdamW as the official alternatives.
   Constant learning rate by default, or the official cosine annealing stepped once per epoch. Optional global-
   norm gradient clipping and gradient accumulation (micro-batches inside one step, one optimiser update).
-* Augmentation inside the step (see `inference.augment`): random-resized crop + flip, then mixup.
+* Augmentation inside the step (see `inference.scaled_mlp.augment`): random-resized crop + flip, then mixup.
 * Fine-tuning: a fresh head; the body's learning rate times `body_lr_multiplier` (0.1 in the paper), or a
   frozen body (linear probe). Test-time augmentation averages softmax probabilities over N random crops, as
   the official `finetune.py` does (the paper's text says logits).
@@ -23,9 +23,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
-
-from inference import augment
-from models.scaled_mlp import ScaledMLP
+from theorax.inference.scaled_mlp import augment
+from theorax.models.scaled_mlp import ScaledMLP
 
 
 @dataclasses.dataclass(frozen=True)

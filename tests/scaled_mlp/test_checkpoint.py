@@ -6,9 +6,8 @@ import zipfile
 
 import numpy as np
 import pytest
-
-from third_party import torch_pickle
-from third_party.scaling_mlps import CheckpointError, convert_state_dict, load_checkpoint
+from theorax.third_party import torch_pickle
+from theorax.third_party.scaling_mlps import CheckpointError, convert_state_dict, load_checkpoint
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -67,7 +66,7 @@ def test_unpickler_refuses_code(tmp_path):
 @pytest.mark.interop
 def test_fresh_torch_checkpoint_round_trip(tmp_path):
     pytest.importorskip("torch")
-    from tests.make_torch_checkpoint import main
+    from tests.scaled_mlp.make_torch_checkpoint import main
 
     main(str(tmp_path))
     model, params = load_checkpoint(str(tmp_path / "tiny_bmlp.pt"))

@@ -5,11 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from inference import dt_evaluation, dt_training, exact
-from models import dt_tasks
-from models.distribution_transformer import DistributionTransformer, ModelInputError
-from models.gmm import GMM, GMMError
+from theorax.inference.distribution_transformer import evaluation as dt_evaluation
+from theorax.inference.distribution_transformer import exact
+from theorax.inference.distribution_transformer import training as dt_training
+from theorax.models.distribution_transformer import DistributionTransformer, ModelInputError
+from theorax.models.distribution_transformer import tasks as dt_tasks
+from theorax.models.gmm import GMM, GMMError
 
 SMALL = dict(d_model=32, num_heads=4, num_layers=2, dim_feedforward=64)
 
@@ -224,10 +225,9 @@ def test_transformer_learns_task_a_posterior_closely_and_sequentially():
 
 def test_smoke_experiment_writes_results_and_is_not_redone(tmp_path, monkeypatch):
     import ml_collections
-
-    from configs import distribution_transformer as cfg
-    from experiments import distribution_transformer as dtx
-    from experiments import runtime
+    from theorax.configs import distribution_transformer as cfg
+    from theorax.experiments import distribution_transformer as dtx
+    from theorax.experiments import runtime
 
     config = cfg.get_config("smoke")
     entry = config.tasks.gmm_linear
@@ -274,8 +274,7 @@ def test_attention_equals_flax_multi_head_attention_with_the_same_parameters(num
     """`Attention` (fused projections, broadcast-sum core, the one-key shortcut) is Flax's
     MultiHeadDotProductAttention: the same parameter tree from the same key, and the same outputs for it."""
     import flax.linen as nn
-
-    from models.distribution_transformer import Attention
+    from theorax.models.distribution_transformer.transformer import Attention
 
     kx, km, kp, kn = jax.random.split(jax.random.key(3), 4)
     x = jax.random.normal(kx, (7, 5, 32))

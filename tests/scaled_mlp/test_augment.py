@@ -5,8 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from inference import augment
+from theorax.inference.scaled_mlp import augment
 
 
 def images(n=6, h=8, w=8, c=3, seed=0):

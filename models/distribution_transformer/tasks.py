@@ -5,7 +5,7 @@ and says how the transformer sees them: a GMM prior or a prior feature vector, o
 and the sample-space transform f that puts the latent on R^d.
 
 * `GMMLinearGaussianTask`, task (a): w ~ Dir(1/k), mu_j ~ N(0, I), Lambda_j ~ Wishart(d + 1, I), Sigma_j =
-  Lambda_j^{-1}; x ~ GMM; z = H x + N(0, R). Exact posterior: `inference.exact.linear_gaussian_posterior`.
+  Lambda_j^{-1}; x ~ GMM; z = H x + N(0, R). Exact posterior: `inference.distribution_transformer.exact.linear_gaussian_posterior`.
 * `InverseGammaTask`, task (b) (paper Sec. 4.1): alpha, beta ~ IG(a, b) each (wide: IG(4, 6); narrow:
   IG(1e4, 2e4)); sigma^2 ~ IG(alpha, beta); z ~ N(0, sigma^2). The GMM lives on log sigma^2.
 * `SensorFusionTask`, task (c) (Sec. 4.3.1): a 4-D state (px, vx, py, vy) with the official config's GMM
@@ -34,8 +34,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
-
-from models.gmm import GMM, SampleSpaceTransform
+from theorax.models.gmm import GMM, SampleSpaceTransform
 
 
 @flax.struct.dataclass

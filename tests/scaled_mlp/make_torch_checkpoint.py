@@ -12,8 +12,7 @@ import sys
 
 import numpy as np
 import torch
-
-from experiments.torch_peers import TorchBottleneckMLP
+from theorax.experiments.torch_peers import TorchBottleneckMLP
 
 
 def main(out_dir: str) -> None:

@@ -5,10 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from inference import scaled_mlp_training as lib
-from inference.scaling_law import ScalingLaw, fit_scaling_law, pareto_frontier
-from models.scaled_mlp import ScaledMLP
+from theorax.inference.scaled_mlp import training as lib
+from theorax.inference.scaled_mlp.scaling_law import ScalingLaw, fit_scaling_law, pareto_frontier
+from theorax.models.scaled_mlp import ScaledMLP
 
 RES = 8
 

@@ -27,8 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from models import diffusion
+from theorax.models import diffusion
 
 SOLVERS = ("ddim", "dpmsolver++", "unipc", "dc")
 VARIANTS = ("bh1", "bh2")

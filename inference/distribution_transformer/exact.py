@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import cho_solve, solve_triangular
 from jax.scipy.special import gammaln, logsumexp
-
-from models.gmm import GMM, GMMError, validate_gmm
+from theorax.models.gmm import GMM, GMMError, validate_gmm
 
 _LOG_2PI = math.log(2.0 * math.pi)
 

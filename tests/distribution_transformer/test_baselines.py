@@ -7,9 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from inference import baselines, exact
-from models.gmm import GMM, kl_gmm
+from theorax.inference.distribution_transformer import baselines, exact
+from theorax.models.gmm import GMM, kl_gmm
 
 # Three problems of task (a)'s numpyro model, batched so each guide compiles once: a 2-D bimodal prior
 # (two problems, observations of different sides) and a prior of two identical components (a Gaussian, so

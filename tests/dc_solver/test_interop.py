@@ -15,10 +15,9 @@ schedulers = pytest.importorskip("diffusers.schedulers")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
-from inference import dc_solver  # noqa: E402
-from models import diffusion  # noqa: E402
-from third_party.dc_solver import TorchMixtureEps  # noqa: E402
+from theorax.inference import dc_solver  # noqa: E402
+from theorax.models import diffusion  # noqa: E402
+from theorax.third_party.dc_solver import TorchMixtureEps  # noqa: E402
 
 pytestmark = pytest.mark.interop
 

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
-
-from inference import dc_solver as dcs
-from inference import diffusion_samplers as ds
-from models import diffusion as D
-from third_party import dc_solver as tp
+from theorax.inference import dc_solver as dcs
+from theorax.inference.dc_solver import sampling
+from theorax.inference.dc_solver import solvers as ds
+from theorax.models import diffusion as D
+from theorax.third_party import dc_solver as tp
 
 # The official Stable Diffusion 2.1 CPR coefficients (DC-Solver repository,
 # diffusers/dc_solver/cpr_coeffs_path/sd2.1.npy; shared/reference/dc_solver_cpr_sd21.npy), 36 float64.
@@ -283,7 +283,7 @@ def test_new_ratios_and_guidance_scales_do_not_recompile():
     dcs.sample(
         fn, x_T, SCHED, nfe=6, solver="dc", ratios=np.ones(6), guidance=dcs.Guidance(labels, 2.0)
     )
-    before = dcs._sample_jit._cache_size()
+    before = sampling._sample_jit._cache_size()
     for k in range(3):
         ratios = np.array([1, 1, 0.9 + 0.1 * k, 1.1, 1.0, 1.2 - 0.1 * k])
         g = dcs.Guidance(labels, 3.0 + k)
@@ -291,7 +291,7 @@ def test_new_ratios_and_guidance_scales_do_not_recompile():
     # A new mixture of the same shapes (traced through the Partial) does not recompile either.
     mix2, _, _ = _problem(seed=6)
     dcs.sample(mix2.eps_fn(SCHED), x_T, SCHED, nfe=6, solver="dc", ratios=np.ones(6), guidance=g)
-    assert dcs._sample_jit._cache_size() == before
+    assert sampling._sample_jit._cache_size() == before
 
 
 # --------------------------------------------------------------------------------- the search
@@ -306,7 +306,7 @@ def test_search_recovers_known_ratios_and_beats_unipc():
     nfe = 6
     true = np.array([1.0, 1.0, 1.25, 0.85, 1.15, 0.9])
     plan = dcs.plan_for(SCHED, nfe=nfe, solver="dc")
-    _, traj, _ = dcs._sample_jit(fn, x_T, dcs._jnp_plan(plan), true, g, True, True)
+    _, traj, _ = sampling._sample_jit(fn, x_T, sampling._jnp_plan(plan), true, g, True, True)
     found, losses = dcs.search_ratios(
         fn, x_T, SCHED, nfe=nfe, guidance=g, targets=traj, return_losses=True
     )
@@ -429,9 +429,9 @@ def test_non_finite_model_output_raises():
 
 
 def test_experiment_smoke_and_config_errors(tmp_path):
-    from configs import dc_solver as cfg_lib
-    from experiments import dc_solver as exp
-    from experiments import runtime
+    from theorax.configs import dc_solver as cfg_lib
+    from theorax.experiments import dc_solver as exp
+    from theorax.experiments import runtime
 
     with pytest.raises(ValueError, match="unknown preset 'gpu'"):
         cfg_lib.get_config("gpu")

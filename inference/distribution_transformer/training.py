@@ -18,7 +18,7 @@ Optional **self-fed priors** (`PriorFeedback`, filtering tasks only; not in the 
 which train on meta-prior draws alone): a pool of priors is kept in the train state and fills a fraction of
 every batch. After each step, the model's own posterior for each pool prior goes through the task's exact
 predict step (mu <- A mu, Sigma <- A Sigma A^T + Q) and becomes that entry's next prior, as in the filter
-(`inference.filters.dt_filter`); entries restart from the filter's initial prior with probability
+(`inference.distribution_transformer.filters.dt_filter`); entries restart from the filter's initial prior with probability
 `reset_prob` per step, or when their prior leaves a sane range. Each training triple still draws the latent
 from its own prior (x ~ prior, z ~ p(z | x)), so the posterior term keeps its meaning (Prop. 3.1) for these
 priors too: the model is asked for the exact posterior of the priors it feeds itself at test time, instead of
@@ -34,11 +34,10 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import optax
-
-from inference.filters import gaussian_predict, initial_gmm
-from models.distribution_transformer import DistributionTransformer
-from models.dt_tasks import Problem
-from models.gmm import GMM
+from theorax.inference.distribution_transformer.filters import gaussian_predict, initial_gmm
+from theorax.models.distribution_transformer import DistributionTransformer
+from theorax.models.distribution_transformer.tasks import Problem
+from theorax.models.gmm import GMM
 
 # XLA:CPU's YNNPACK fusions pull a whole post-LN layer of this model (attention core, three LayerNorms, FFN) into
 # one library call, which materialises every broadcast constant at full size and runs the small-token maths slowly.

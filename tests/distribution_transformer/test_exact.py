@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.stats
-
-from inference import dt_evaluation, exact
-from models import dt_tasks
-from models.gmm import GMM, GMMError
+from theorax.inference.distribution_transformer import evaluation as dt_evaluation
+from theorax.inference.distribution_transformer import exact
+from theorax.models.distribution_transformer import tasks as dt_tasks
+from theorax.models.gmm import GMM, GMMError
 
 
 def _grid_posterior(log_prior, log_lik, cell):

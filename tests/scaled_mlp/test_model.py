@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.special import erf
-
-from models.scaled_mlp import ScaledMLP, forward_flops, num_params, parse_architecture
+from theorax.models.scaled_mlp import ScaledMLP, forward_flops, num_params, parse_architecture
 
 # Paper Table 5 / README: 64x64x3 inputs, the 11,230-class ImageNet-21k head (exact counts, reference notes).
 PAPER_COUNTS = {
@@ -113,7 +112,7 @@ def test_bad_images_are_rejected_before_tracing():
 
 
 def test_gelu_is_the_exact_erf_form_with_its_gradient():
-    from models.layers import gelu
+    from theorax.models.layers import gelu
 
     x = np.linspace(-8.0, 8.0, 4001)
     np.testing.assert_allclose(

@@ -23,11 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import betaln
-
-from inference import exact
-from models import dt_tasks
-from models.dt_tasks import Problem
-from models.gmm import GMM
+from theorax.inference.distribution_transformer import exact
+from theorax.models.distribution_transformer import tasks as dt_tasks
+from theorax.models.distribution_transformer.tasks import Problem
+from theorax.models.gmm import GMM
 
 
 def exact_gmm_posterior(task: dt_tasks.GMMLinearGaussianTask, problem: Problem) -> GMM:

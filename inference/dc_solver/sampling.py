@@ -30,10 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-from inference import diffusion_samplers as ds
-from inference.diffusion_samplers import SOLVERS, VARIANTS, Guidance, Plan
-from models import diffusion
+from theorax.inference.dc_solver import solvers as ds
+from theorax.inference.dc_solver.solvers import SOLVERS, VARIANTS, Guidance, Plan
+from theorax.models import diffusion
 
 __all__ = [
     "Guidance",

@@ -35,9 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from models.gmm import GMM, GMMError, validate_gmm
-from models.layers import gelu
+from theorax.models.gmm import GMM, GMMError, validate_gmm
+from theorax.models.layers import gelu
 
 
 class ModelInputError(ValueError):
