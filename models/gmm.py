@@ -31,16 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import logsumexp
+from theorax.models.validation import is_concrete
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
 class GMMError(ValueError):
     """A Gaussian mixture's parameters are malformed (shape, weights, or covariance)."""
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 @flax.struct.dataclass
@@ -77,7 +74,7 @@ class GMM:
           validate: run `validate_gmm` (shapes always, values when concrete).
         """
         weights = jnp.asarray(weights)
-        if validate and _is_concrete(weights):
+        if validate and is_concrete(weights):
             w = np.asarray(weights, dtype=np.float64)
             if np.any(~np.isfinite(w)) or np.any(w < 0):
                 raise GMMError(f"weights must be finite and non-negative, got {w}")
@@ -99,7 +96,7 @@ class GMM:
         Concrete covariances are checked for symmetry and positive definiteness before factorising.
         """
         covariance = jnp.asarray(covariance)
-        if validate and _is_concrete(covariance):
+        if validate and is_concrete(covariance):
             c = np.asarray(covariance, dtype=np.float64)
             if c.ndim < 2 or c.shape[-1] != c.shape[-2]:
                 raise GMMError(f"covariance must be [..., k, d, d], got shape {c.shape}")
@@ -257,7 +254,7 @@ def validate_gmm(gmm: GMM, *, name: str = "GMM") -> None:
         raise GMMError(
             f"{name}.scale_tril has shape {tril} but means {mu} imply [..., k, d, d] = {mu + (d,)}"
         )
-    if not all(_is_concrete(a) for a in (gmm.logits, gmm.means, gmm.scale_tril)):
+    if not all(is_concrete(a) for a in (gmm.logits, gmm.means, gmm.scale_tril)):
         return
     logits, means, L = (np.asarray(a) for a in (gmm.logits, gmm.means, gmm.scale_tril))
     if np.any(np.isnan(logits)) or np.any(logits == np.inf):

@@ -33,6 +33,7 @@ import optax
 from theorax.inference.dc_solver import solvers as ds
 from theorax.inference.dc_solver.solvers import SOLVERS, VARIANTS, Guidance, Plan
 from theorax.models import diffusion
+from theorax.models.validation import check_finite
 
 __all__ = [
     "Guidance",
@@ -129,8 +130,7 @@ def _check_ratios(ratios, solver, nfe):
         raise ValueError(
             f"ratios must have shape ({nfe},) (one per step, nfe={nfe}); got shape {shape}"
         )
-    if not isinstance(ratios, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(ratios))):
-        raise ValueError(f"ratios must be finite, got {np.asarray(ratios)}")
+    check_finite(ratios, "ratios")
     return ratios
 
 

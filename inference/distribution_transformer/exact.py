@@ -27,6 +27,7 @@ import numpy as np
 from jax.scipy.linalg import cho_solve, solve_triangular
 from jax.scipy.special import gammaln, logsumexp
 from theorax.models.gmm import GMM, GMMError, validate_gmm
+from theorax.models.validation import is_concrete
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -50,7 +51,7 @@ def _check_linear_gaussian(prior: GMM, H, R, z) -> None:
         raise GMMError(f"noise covariance R has shape {R.shape}; H implies [m, m] = [{m}, {m}]")
     if z.shape[-1] != m:
         raise GMMError(f"observation z has shape {z.shape}; H implies a last axis of size m = {m}")
-    if not isinstance(R, jax.core.Tracer):
+    if is_concrete(R):
         eig = np.linalg.eigvalsh(np.asarray(R, dtype=np.float64))
         if np.any(eig <= 0):
             raise GMMError(f"noise covariance R must be positive definite; eigenvalues {eig}")

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from theorax.models.gmm import GMM, GMMError, validate_gmm
 from theorax.models.layers import gelu
+from theorax.models.validation import check_finite
 
 
 class ModelInputError(ValueError):
@@ -246,10 +247,7 @@ class DistributionTransformer(nn.Module):
                 raise ModelInputError(
                     f"prior features have shape {shape}; expected [..., {self.prior_feature_dim}]"
                 )
-            if not isinstance(prior, jax.core.Tracer) and not np.all(
-                np.isfinite(np.asarray(prior))
-            ):
-                raise ModelInputError("prior features must be finite")
+            check_finite(prior, "prior features", ModelInputError)
             batch = tuple(shape[:-1])
         if not isinstance(observations, Mapping):
             raise ModelInputError(
@@ -276,8 +274,7 @@ class DistributionTransformer(nn.Module):
                     f"observations[{name!r}] has shape {shape}; expected [*batch, n, {m}] or "
                     f"[*batch, {m}] with batch = {batch} (the prior's batch shape)"
                 )
-            if not isinstance(z, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(z))):
-                raise ModelInputError(f"observations[{name!r}] must be finite")
+            check_finite(z, f"observations[{name!r}]", ModelInputError)
             total += shape[-2]
             out[name] = z
         if total > self.max_observations:
