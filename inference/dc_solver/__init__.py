@@ -1,34 +1,37 @@
 """DC-Solver and the multistep samplers it builds on (DDIM, DPM-Solver++, UniPC), the ratio search and CPR.
 
-* `solvers`: the solvers' coefficient plans and the one compiled scan that runs every solver.
-* `sampling`: `sample`, the greedy `search_ratios`, the DDIM ground truth and cascade polynomial regression.
+* `config`: `SolverConfig`, the solver and its options as one frozen, validated, hashable value.
+* `solvers`: the solvers' coefficient plans (`make_plan`, immutable, cached by value) and the one scan that
+  runs every solver and the ratio search.
+* `sampling`: `sample` and `sample_with_trajectory`.
+* `search`: the greedy `search_ratios` and its many-step DDIM ground truth (`ddim_reference`).
+* `cpr`: cascade polynomial regression, `cpr_fit` / `cpr_predict` in the official 36-number layout.
 """
 
-from theorax.inference.dc_solver.sampling import (
+from theorax.inference.dc_solver.config import SOLVERS, VARIANTS, SolverConfig
+from theorax.inference.dc_solver.cpr import cpr_features, cpr_fit, cpr_predict
+from theorax.inference.dc_solver.sampling import sample, sample_with_trajectory
+from theorax.inference.dc_solver.search import (
     GT_MODES,
-    cpr_features,
-    cpr_fit,
-    cpr_predict,
     ddim_reference,
     ldm_reference_index,
-    plan_for,
-    sample,
-    sample_with_trajectory,
     search_ratios,
 )
-from theorax.inference.dc_solver.solvers import SOLVERS, VARIANTS, Guidance
+from theorax.inference.dc_solver.solvers import Guidance, Plan, make_plan
 
 __all__ = [
     "Guidance",
+    "SolverConfig",
     "SOLVERS",
     "VARIANTS",
     "GT_MODES",
+    "Plan",
+    "make_plan",
     "sample",
     "sample_with_trajectory",
     "search_ratios",
     "ddim_reference",
     "ldm_reference_index",
-    "plan_for",
     "cpr_fit",
     "cpr_predict",
     "cpr_features",

@@ -7,10 +7,12 @@ t_i to t_{i+1} is
     x_{i+1}    = a_i x_i + sum_j C_ij m_j + c_i x0_theta(x~_{i+1}, t_{i+1})   (corrector, UniPC only)
 
 with coefficients that depend on the time grid alone. A `Plan` holds them: it is built once on the host in
-float64 numpy (`make_plan`), and the device runs a `lax.scan` over steps whose body is the same for every solver
-(`run`). Dynamic compensation (DC-Solver, Zhao et al. 2024, Sec. 3.2; reference/dc_solver.md Sec. 1.5) replaces
-the newest buffered prediction by a Lagrange interpolant before each predictor; its ratios are a traced array,
-so new ratios never recompile.
+float64 numpy from a `SolverConfig` and the schedule's values on the grid (`make_plan`, cached by those values;
+its arrays are read-only), and the device runs a `lax.scan` over steps whose body is the same for every solver
+and for the ratio search (`run`). Dynamic compensation (DC-Solver, Zhao et al. 2024, Sec. 3.2;
+reference/dc_solver.md Sec. 1.5) replaces the newest buffered prediction by a Lagrange interpolant before each
+predictor; its ratio is a traced value chosen per step by the caller (given ratios when sampling, a short
+optimisation when searching), so new ratios never recompile.
 
 The buffer holds M = max(order, 3) predictions, oldest first (slot M - 1 is the newest, m_{s0} of the notes).
 Three are kept even for order 1 or 2 so that DC (which interpolates the last 3) works for every order, as the
@@ -20,6 +22,7 @@ no DC at all.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -27,11 +30,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from theorax.inference.dc_solver.config import SolverConfig
 from theorax.models import diffusion
-
-SOLVERS = ("ddim", "dpmsolver++", "unipc", "dc")
-VARIANTS = ("bh1", "bh2")
-DPM_SOLVER_TYPES = ("midpoint", "heun")
 
 
 class Guidance(NamedTuple):
@@ -52,7 +52,8 @@ class Plan(NamedTuple):
 
     Shapes: ts, alphas, sigmas (nfe + 1,); every other field has leading axis nfe (one row per step).
     `dc_times` (nfe, 3) are (t_i, t_{i-1}, t_{i-2}), the abscissae of the compensation at step i, and
-    `dc_valid` marks the steps where three predictions are buffered (i >= 2).
+    `dc_valid` marks the steps where three predictions are buffered (i >= 2). Every array is float64 numpy (bool
+    for `dc_valid`) and read-only: plans are shared through the cache of `make_plan`.
     """
 
     ts: np.ndarray
@@ -65,7 +66,6 @@ class Plan(NamedTuple):
     corrector: np.ndarray  # (nfe,) 1.0 where the corrector runs
     dc_times: np.ndarray  # (nfe, 3)
     dc_valid: np.ndarray  # (nfe,) bool
-    orders: np.ndarray  # (nfe,) int, for inspection
 
     @property
     def nfe(self) -> int:
@@ -171,75 +171,88 @@ def dpm_solver_pp_coefficients(
     return coef + alpha_t * (em1 / h + 1.0) * d1 - alpha_t * ((em1 + h) / h**2 - 0.5) * d2
 
 
-def step_orders(solver: str, nfe: int, order: int, lower_order_final: bool) -> list[int]:
+def step_orders(config: SolverConfig, nfe: int) -> list[int]:
     """The order of each step: warm-up min(order, i + 1), then the lower-order final steps.
 
-    UniPC / DC: min(order, nfe - i) when `lower_order_final` (the official LDM code and diffusers' UniPC).
-    DPM-Solver++: order 1 on the last step and at most 2 on the one before, only when nfe < 15, as diffusers'
-    `DPMSolverMultistepScheduler` does.
+    DDIM: 1 everywhere. UniPC / DC: min(order, nfe - i) when `lower_order_final` (the official LDM code and
+    diffusers' UniPC). DPM-Solver++: order 1 on the last step and at most 2 on the one before, only when
+    nfe < 15, as diffusers' `DPMSolverMultistepScheduler` does.
     """
+    if config.solver == "ddim":
+        return [1] * nfe
+    unipc = config.solver in ("unipc", "dc")
     orders = []
     for i in range(nfe):
-        p = min(order, i + 1)
-        if lower_order_final and (solver in ("unipc", "dc") or nfe < 15):
+        p = min(config.order, i + 1)
+        if config.lower_order_final and (unipc or nfe < 15):
             p = min(p, nfe - i)
         orders.append(p)
     return orders
 
 
-def make_plan(
-    schedule: diffusion.VPSchedule,
-    ts: np.ndarray,
-    *,
-    solver: str,
-    order: int = 3,
-    variant: str = "bh1",
-    dpm_solver_type: str = "midpoint",
-    lower_order_final: bool = True,
-    use_corrector: bool = True,
-    disable_corrector: tuple[int, ...] = (),
-) -> Plan:
-    """Builds the coefficients of `solver` on the time grid `ts` (float64 numpy, on the host).
+def make_plan(config: SolverConfig, schedule: diffusion.VPSchedule, ts) -> Plan:
+    """The coefficients of the sampler `config` on the time grid `ts` (float64 numpy, on the host).
+
+    The plan depends on the schedule only through alpha, sigma and lambda on the grid, so it is cached by those
+    values and the config (never by object identity): equal schedules share one plan, and its read-only arrays
+    cannot be changed by one caller under another.
 
     Args:
+      config: the solver and its options.
       schedule: the VP schedule (alpha, sigma, lambda at the grid points).
-      ts: the time grid, decreasing, shape (nfe + 1,) (see `models.diffusion.time_steps`).
-      solver: one of `SOLVERS`; "ddim" is first-order DPM-Solver++, "dc" is UniPC's plan.
-      order: solver order (1-3); DDIM ignores it.
-      variant: UniPC's B(h), "bh1" or "bh2".
-      dpm_solver_type: DPM-Solver++ 2M's "midpoint" (the diffusers default) or "heun".
-      lower_order_final: lower the order on the last steps (see `step_orders`).
-      use_corrector: UniPC's corrector on (UniPC-p) or off (UniP-p alone).
-      disable_corrector: steps i whose corrector is skipped (diffusers' `disable_corrector`; the SD script
-        of DC-Solver passes [0]).
+      ts: the time grid, strictly decreasing, shape (nfe + 1,) (`config.time_steps(schedule, nfe)` or any
+        other grid, such as the DDIM ground truth's).
 
     Returns:
-      a `Plan` of float64 numpy arrays.
+      a `Plan` of read-only float64 numpy arrays.
+
+    Example:
+      >>> from theorax.inference.dc_solver import SolverConfig, make_plan
+      >>> from theorax.models.diffusion import VPSchedule
+      >>> config, schedule = SolverConfig("unipc"), VPSchedule.named("sd_scaled_linear")
+      >>> plan = make_plan(config, schedule, config.time_steps(schedule, 5))
+      >>> plan.nfe, plan.pred_m.shape, plan.corrector.tolist()
+      (5, (5, 3), [1.0, 1.0, 1.0, 1.0, 0.0])
+      >>> plan is make_plan(config, VPSchedule.named("sd_scaled_linear"), config.time_steps(schedule, 5))
+      True
     """
     ts = np.asarray(ts, dtype=np.float64)
+    if ts.ndim != 1 or ts.shape[0] < 2 or not np.all(np.diff(ts) < 0):
+        raise ValueError(
+            f"ts must be a strictly decreasing 1-D grid of at least 2 times, got shape {ts.shape}"
+        )
+    config.check_steps(ts.shape[0] - 1)
+    values = (ts, schedule.alpha(ts), schedule.sigma(ts), schedule.lambda_(ts))
+    return _plan(config, *(np.asarray(v, dtype=np.float64).tobytes() for v in values))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(config: SolverConfig, *values: bytes) -> Plan:
+    """The plan of `make_plan`, cached by the config and the float64 bytes of (ts, alpha, sigma, lambda)."""
+    ts, alphas, sigmas, lam = (np.frombuffer(v, dtype=np.float64) for v in values)
     nfe = ts.shape[0] - 1
-    m = max(order, 3)
-    alphas, sigmas = schedule.alpha(ts), schedule.sigma(ts)
-    lam = schedule.lambda_(ts)
-    kind = "dpmsolver++" if solver == "ddim" else solver
-    orders = [1] * nfe if solver == "ddim" else step_orders(kind, nfe, order, lower_order_final)
+    m = config.buffer_size
     pred_m, corr_m = np.zeros((nfe, m)), np.zeros((nfe, m))
     corr_new, corrector = np.zeros(nfe), np.zeros(nfe)
-    for i, p in enumerate(orders):
-        if kind == "dpmsolver++":
-            pred_m[i] = dpm_solver_pp_coefficients(lam, alphas[i + 1], i, p, dpm_solver_type, m)
+    for i, p in enumerate(step_orders(config, nfe)):
+        if config.solver in ("ddim", "dpmsolver++"):
+            pred_m[i] = dpm_solver_pp_coefficients(
+                lam, alphas[i + 1], i, p, config.dpm_solver_type, m
+            )
         else:
             pred_m[i], corr_m[i], corr_new[i] = unipc_coefficients(
-                lam, alphas[i + 1], i, p, variant, m
+                lam, alphas[i + 1], i, p, config.variant, m
             )
-            corrector[i] = float(use_corrector and i < nfe - 1 and i not in disable_corrector)
+            corrector[i] = float(
+                config.use_corrector and i < nfe - 1 and i not in config.disable_corrector
+            )
     idx = np.arange(nfe)
     dc_times = np.stack([ts[idx], ts[np.maximum(idx - 1, 0)], ts[np.maximum(idx - 2, 0)]], axis=1)
     dc_valid = idx >= 2
     # Distinct placeholder abscissae where fewer than 3 predictions are buffered (never used, keeps the
     # Lagrange weights finite so that gradients stay finite).
     dc_times[~dc_valid] = ts[idx[~dc_valid], None] + np.array([0.0, 1.0, 2.0])
-    return Plan(
+    plan = Plan(
         ts=ts,
         alphas=alphas,
         sigmas=sigmas,
@@ -250,8 +263,10 @@ def make_plan(
         corrector=corrector,
         dc_times=dc_times,
         dc_valid=dc_valid,
-        orders=np.asarray(orders),
     )
+    for array in plan:
+        array.setflags(write=False)
+    return plan
 
 
 # ------------------------------------------------------------------------- dynamic compensation
@@ -349,10 +364,6 @@ def step(eps_fn, guidance, x, buf, row, ratio, *, dc: bool, evaluate: bool):
     return x_next, buf, finite
 
 
-def _slice(rows, i):
-    return jax.tree.map(lambda a: a[i], rows)
-
-
 def initial_buffer(eps_fn, guidance, x_T, plan: Plan):
     """The buffer before step 0: zeros and m_0 = x0_theta(x_T, t_0) in the newest slot."""
     dtype = x_T.dtype
@@ -369,42 +380,69 @@ def initial_buffer(eps_fn, guidance, x_T, plan: Plan):
     return buf, finite
 
 
-def run(eps_fn, x_T, plan: Plan, ratios, guidance: Guidance | None, *, dc: bool, trajectory: bool):
-    """Runs a whole sampler (traceable; the public entry points jit it).
+def given_ratio(x, buf, row, ratio, *, evaluate):
+    """The ratio rule of sampling: step i's input is its ratio (no per-step output)."""
+    del x, buf, row, evaluate
+    return ratio, ()
+
+
+def run(
+    eps_fn,
+    x_T,
+    plan: Plan,
+    per_step,
+    guidance: Guidance | None,
+    choose_ratio: Callable = given_ratio,
+    *,
+    dc: bool,
+    trajectory: bool = False,
+):
+    """Runs a whole sampler (traceable; the public entry points jit it): the one scan over steps.
+
+    Step i first asks `choose_ratio(x_i, buffer, row_i, per_step[i], evaluate=...)` for its compensation ratio
+    (and an output of its own), then takes the `step`; every step but the last evaluates the model (and
+    corrects). Sampling passes the ratios as `per_step` with `given_ratio`; the ratio search passes the ground
+    truth and a rule that optimises the ratio against it.
 
     Args:
       eps_fn: noise prediction `eps_fn(x, t[, labels])`.
       x_T: the initial noise (any shape whose leading axes are the batch).
       plan: the coefficients (`make_plan`), as arrays.
-      ratios: (nfe,) compensation ratios (ignored unless dc).
+      per_step: a pytree with leading axis nfe, step i's input to `choose_ratio`.
       guidance: None or `Guidance`.
+      choose_ratio: `(x, buf, row, item, *, evaluate) -> (ratio, output)`.
       dc: apply dynamic compensation before each predictor.
       trajectory: also return the state after every step, shape (nfe, *x_T.shape).
 
     Returns:
-      (x_0, trajectory or None, bad) where bad is the first model evaluation (0 = at x_T, i + 1 = after
-      step i) with a non-finite output, or -1.
+      (x_0, trajectory or None, the rule's outputs stacked over the steps, bad) where bad is the first model
+      evaluation (0 = at x_T, i + 1 = after step i) with a non-finite output, or -1.
     """
     nfe = plan.pred_x.shape[0]
     rows = _rows(plan, x_T.dtype)
-    ratios = jnp.asarray(ratios, x_T.dtype)
     buf, finite0 = initial_buffer(eps_fn, guidance, x_T, plan)
-    bad0 = jnp.where(finite0, -1, 0)
+
+    def advance(x, buf, row, item, evaluate):
+        ratio, out = choose_ratio(x, buf, row, item, evaluate=evaluate)
+        x_next, buf, finite = step(eps_fn, guidance, x, buf, row, ratio, dc=dc, evaluate=evaluate)
+        return x_next, buf, finite, out
 
     def body(carry, inputs):
         x, buf, bad = carry
-        row, ratio, i = inputs
-        x_next, buf, finite = step(eps_fn, guidance, x, buf, row, ratio, dc=dc, evaluate=True)
+        row, item, i = inputs
+        x_next, buf, finite, out = advance(x, buf, row, item, True)
         bad = jnp.where((bad < 0) & ~finite, i + 1, bad)
-        return (x_next, buf, bad), (x_next if trajectory else None)
+        return (x_next, buf, bad), (x_next if trajectory else None, out)
 
-    head = jax.tree.map(lambda a: a[: nfe - 1], rows)
-    (x, buf, bad), traj = jax.lax.scan(
-        body, (x_T, buf, bad0), (head, ratios[: nfe - 1], jnp.arange(nfe - 1))
+    head = lambda tree: jax.tree.map(lambda a: a[: nfe - 1], tree)
+    last = lambda tree: jax.tree.map(lambda a: a[nfe - 1], tree)
+    (x, buf, bad), (traj, outs) = jax.lax.scan(
+        body,
+        (x_T, buf, jnp.where(finite0, -1, 0)),
+        (head(rows), head(per_step), jnp.arange(nfe - 1)),
     )
-    x, _, _ = step(
-        eps_fn, guidance, x, buf, _slice(rows, nfe - 1), ratios[nfe - 1], dc=dc, evaluate=False
-    )
+    x, _, _, out_last = advance(x, buf, last(rows), last(per_step), False)
+    outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), outs, out_last)
     if trajectory:
         traj = jnp.concatenate([traj, x[None]], axis=0)
-    return x, traj, bad
+    return x, traj, outs, bad

@@ -1,14 +1,15 @@
 """Samplers, dynamic compensation, the ratio search and CPR: against closed forms and a second implementation."""
 
+import dataclasses
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 from theorax.inference import dc_solver as dcs
-from theorax.inference.dc_solver import sampling
 from theorax.inference.dc_solver import solvers as ds
 from theorax.models import diffusion as D
 from theorax.third_party import dc_solver as tp
@@ -274,24 +275,129 @@ def test_convergence_orders_high_order():
         assert errs[-1] < 1e-6
 
 
+# ------------------------------------------------------------------------- configs and plans
+
+
+def test_solver_config_is_validated_canonical_and_hashable():
+    a = dcs.SolverConfig("unipc", order=np.int64(2), disable_corrector=[3, 0, 3])
+    b = dcs.SolverConfig("unipc", order=2, disable_corrector=(0, 3))
+    assert a == b and hash(a) == hash(b) and type(a.order) is int
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.order = 3
+    cases = [
+        (dict(solver="heun"), "unknown solver 'heun'"),
+        (dict(solver="unipc", order=4), "order=4 must be 1, 2 or 3"),
+        (dict(solver="unipc", order=True), "order=True must be 1, 2 or 3"),
+        (dict(solver="unipc", spacing="uniform"), "unknown spacing 'uniform'"),
+        (dict(solver="dpmsolver++", dpm_solver_type="euler"), "unknown dpm_solver_type 'euler'"),
+        (dict(solver="unipc", disable_corrector=0), "disable_corrector must be a sequence"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            dcs.SolverConfig(**kwargs)
+    mix, x_T, _ = _problem(seed=8, classes=False)
+    with pytest.raises(TypeError, match="give its options there"):
+        dcs.sample(mix.eps_fn(SCHED), x_T, SCHED, nfe=5, solver=a, order=3)
+    with pytest.raises(TypeError, match=r"unknown solver options \['ordr'\]"):
+        dcs.sample(mix.eps_fn(SCHED), x_T, SCHED, nfe=5, solver="unipc", ordr=3)
+
+
+def test_sample_takes_a_config_or_its_keywords():
+    mix, x_T, labels = _problem(seed=2)
+    fn, g = mix.eps_fn(SCHED), dcs.Guidance(labels, 3.0)
+    kw = dict(order=2, variant="bh2", spacing="logSNR", disable_corrector=(0,))
+    config = dcs.SolverConfig("unipc", **kw)
+    chex.assert_trees_all_equal(
+        dcs.sample(fn, x_T, SCHED, nfe=6, solver=config, guidance=g),
+        dcs.sample(fn, x_T, SCHED, nfe=6, solver="unipc", guidance=g, **kw),
+    )
+    searched = dcs.search_ratios(
+        fn, x_T, SCHED, nfe=5, solver=dataclasses.replace(config, solver="dc"), guidance=g,
+        gt_steps=20, num_iters=3,
+    )  # fmt: skip
+    np.testing.assert_array_equal(
+        searched,
+        dcs.search_ratios(fn, x_T, SCHED, nfe=5, guidance=g, gt_steps=20, num_iters=3, **kw),
+    )
+
+
+def test_plans_are_immutable_and_cached_by_value():
+    config = dcs.SolverConfig("dc")
+    ts = config.time_steps(SCHED, 6)
+    plan = dcs.make_plan(config, SCHED, ts)
+    # An equal schedule built anew, and an equal config, give the same plan; other values do not.
+    same = dcs.make_plan(dcs.SolverConfig("dc"), D.VPSchedule.named("sd_scaled_linear"), ts.copy())
+    assert same is plan
+    other = dcs.make_plan(config, D.VPSchedule.named("ldm_linear"), ts)
+    assert not np.allclose(other.pred_m, plan.pred_m)
+    for name, array in plan._asdict().items():
+        with pytest.raises(ValueError, match="read-only"):
+            array[0] = 0
+        assert array.dtype == (bool if name == "dc_valid" else np.float64)
+    chex.assert_shape([plan.pred_m, plan.corr_m], (6, 3))
+    np.testing.assert_array_equal(plan.corrector, [1, 1, 1, 1, 1, 0])
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        dcs.make_plan(config, SCHED, ts[::-1])
+
+
 # ------------------------------------------------------------------------------ compilation
+
+
+def _counting_model(mix):
+    """mix's eps as a `Partial` over a function that counts its traces (each trace of a sampler calls it)."""
+    traces = []
+
+    def eps(mixture, x, t, labels=None):
+        traces.append(1)
+        return mixture.eps(x, t, SCHED, labels)
+
+    return eps, jax.tree_util.Partial(eps, mix), traces
 
 
 def test_new_ratios_and_guidance_scales_do_not_recompile():
     mix, x_T, labels = _problem(seed=5)
-    fn = mix.eps_fn(SCHED)
+    eps, fn, traces = _counting_model(mix)
     dcs.sample(
         fn, x_T, SCHED, nfe=6, solver="dc", ratios=np.ones(6), guidance=dcs.Guidance(labels, 2.0)
     )
-    before = sampling._sample_jit._cache_size()
+    before = len(traces)
+    assert before > 0
     for k in range(3):
         ratios = np.array([1, 1, 0.9 + 0.1 * k, 1.1, 1.0, 1.2 - 0.1 * k])
         g = dcs.Guidance(labels, 3.0 + k)
         dcs.sample(fn, x_T + k, SCHED, nfe=6, solver="dc", ratios=ratios, guidance=g)
     # A new mixture of the same shapes (traced through the Partial) does not recompile either.
     mix2, _, _ = _problem(seed=6)
-    dcs.sample(mix2.eps_fn(SCHED), x_T, SCHED, nfe=6, solver="dc", ratios=np.ones(6), guidance=g)
-    assert sampling._sample_jit._cache_size() == before
+    fn2 = jax.tree_util.Partial(eps, mix2)
+    dcs.sample(fn2, x_T, SCHED, nfe=6, solver="dc", ratios=np.ones(6), guidance=g)
+    assert len(traces) == before
+
+
+def test_ratio_and_scale_forms_share_one_program_and_a_new_lambda_does_not():
+    """What the docstring of `sample` promises: the forms a user passes are normalised before the jit."""
+    mix, x_T, labels = _problem(seed=5)
+    _, fn, traces = _counting_model(mix)
+    r = [1.0, 1.0, 0.9, 1.1, 1.0, 1.2]
+    forms = [r, tuple(r), np.asarray(r, np.float64), np.asarray(r, np.float32), jnp.asarray(r)]
+    scales = [2.0, np.float64(2.0), np.asarray(2.0, np.float32), jnp.asarray(2.0), 2]
+    outs = []
+    for ratios, scale in zip(forms, scales, strict=True):
+        g = dcs.Guidance(labels, scale)
+        outs.append(dcs.sample(fn, x_T, SCHED, nfe=6, solver="dc", ratios=ratios, guidance=g))
+        if len(outs) == 1:
+            first = len(traces)
+    assert len(traces) == first  # one program for all five forms
+    chex.assert_trees_all_equal(*outs)
+    # The same options as a SolverConfig are the same program too.
+    config = dcs.SolverConfig("dc", order=3, variant="bh1")
+    dcs.sample(fn, x_T, SCHED, nfe=6, solver=config, ratios=r, guidance=g)
+    assert len(traces) == first
+    # A new callable object is a new program (the function is static): a lambda per call recompiles.
+    counts = [len(traces)]
+    for _ in range(2):
+        dcs.sample(lambda x, t: fn(x, t), x_T, SCHED, nfe=6, solver="unipc")
+        counts.append(len(traces))
+    assert counts[2] - counts[1] == counts[1] - counts[0] > 0
 
 
 # --------------------------------------------------------------------------------- the search
@@ -305,8 +411,9 @@ def test_search_recovers_known_ratios_and_beats_unipc():
     g = dcs.Guidance(labels, 3.0)
     nfe = 6
     true = np.array([1.0, 1.0, 1.25, 0.85, 1.15, 0.9])
-    plan = dcs.plan_for(SCHED, nfe=nfe, solver="dc")
-    _, traj, _ = sampling._sample_jit(fn, x_T, sampling._jnp_plan(plan), true, g, True, True)
+    _, traj = dcs.sample_with_trajectory(
+        fn, x_T, SCHED, nfe=nfe, solver="dc", ratios=true, guidance=g
+    )
     found, losses = dcs.search_ratios(
         fn, x_T, SCHED, nfe=nfe, guidance=g, targets=traj, return_losses=True
     )
@@ -330,7 +437,7 @@ def test_ddim_reference_modes():
     fn = mix.eps_fn(SCHED)
     ts = D.time_steps(SCHED, 5)
     aligned = dcs.ddim_reference(fn, x_T, SCHED, ts, steps=100)
-    assert aligned.shape == (5, *x_T.shape)
+    chex.assert_shape(aligned, (5, *x_T.shape))
     final = dcs.sample_with_trajectory(fn, x_T, SCHED, ts=np.linspace(1.0, 0.001, 101))[0]
     np.testing.assert_allclose(aligned[-1], final, rtol=1e-5, atol=1e-5)
     # The LDM lookup: max{j : ref_ts[j] > t}, strict (reference notes Sec. 1.6).
