@@ -444,8 +444,36 @@ def test_ddim_reference_modes():
     ref_ts = (np.arange(0, 1000, 5) + 1)[::-1] / 1000
     assert ref_ts[dcs.ldm_reference_index(ref_ts, 0.001)] == 0.006
     assert ref_ts[dcs.ldm_reference_index(ref_ts, 0.5005)] == 0.501
-    ldm = dcs.ddim_reference(fn, x_T, SCHED, ts, steps=200, mode="ldm")
-    assert ldm.shape == (5, *x_T.shape)
+
+
+def test_ddim_reference_ldm_mode_is_compvis_ddim_with_the_official_lookup():
+    """mode="ldm" against CompVis' DDIM (eta = 0) written out in float64 numpy from the betas, its states
+    labelled as the official search labels them, and the official lookup done by hand."""
+    with jax.enable_x64(True):
+        mix, x_T, _ = _problem(seed=7, classes=False)
+        x_T = np.asarray(x_T, np.float64)
+        ts = D.time_steps(SCHED, 5)
+        ours = dcs.ddim_reference(
+            mix.eps_fn(SCHED), jnp.asarray(x_T), SCHED, ts, steps=200, mode="ldm"
+        )
+        eps = jax.jit(lambda x, t: mix.eps(x, t, SCHED))
+        abar = np.cumprod(1.0 - D.sd_scaled_linear_betas())
+        timesteps = (np.arange(0, 1000, 5) + 1)[
+            ::-1
+        ]  # make_ddim_timesteps("uniform", 200, 1000) + 1
+        x, labelled = x_T, []
+        for j, k in enumerate(timesteps):
+            labelled.append(
+                (k / 1000, x)
+            )  # x_inter[:-1], each labelled with its step's timestep / N
+            a_prev = abar[timesteps[j + 1]] if j + 1 < len(timesteps) else abar[0]
+            e = np.asarray(eps(x, (k + 1) / 1000))  # timestep k is continuous t = (k + 1) / N
+            x0 = (x - np.sqrt(1 - abar[k]) * e) / np.sqrt(abar[k])
+            x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * e
+        expected = [[s for label, s in labelled if label > t][-1] for t in ts[1:]]
+        np.testing.assert_allclose(ours, np.stack(expected), rtol=1e-9, atol=1e-12)
+        # The lookup is one step early: t_5 = 1/N takes the state before the last two DDIM steps.
+        np.testing.assert_array_equal(expected[-1], labelled[-2][1])
 
 
 # ------------------------------------------------------------------------------------------- CPR
