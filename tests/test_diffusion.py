@@ -2,6 +2,7 @@
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -261,12 +262,23 @@ def test_eps_mlp_shapes_and_null_class():
     model = D.EpsMLP(features=16, depth=1, num_classes=10)
     x = jnp.ones((5, 64))
     params = jax.jit(model.init)(jax.random.key(0), x, 0.5, jnp.zeros(5, jnp.int32))
+    # The output head is initialised to zero (every prediction 0, whatever the label): perturb every parameter
+    # so that the checks below can fail.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(
+        treedef,
+        [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)],
+    )
     apply = jax.jit(model.apply)
     out = apply(params, x, jnp.full((5,), 0.3), jnp.arange(5))
-    assert out.shape == (5, 64)
-    # labels=None is the null class (index 10) of the same embedding table.
-    np.testing.assert_allclose(
-        apply(params, x, 0.3, None), apply(params, x, 0.3, jnp.full(5, 10)), rtol=1e-6
-    )
+    chex.assert_shape(out, (5, 64))
+    # Every row has the same x and t, so rows differ only through their labels.
+    gaps = [float(jnp.max(jnp.abs(out[i] - out[j]))) for i in range(5) for j in range(i)]
+    assert min(gaps) > 1e-3, gaps
+    # labels=None is the null class (index 10) of the same embedding table, and not class 0.
+    null = apply(params, x, 0.3, None)
+    np.testing.assert_allclose(null, apply(params, x, 0.3, jnp.full(5, 10)), rtol=1e-6)
+    assert float(jnp.max(jnp.abs(null - apply(params, x, 0.3, jnp.zeros(5, jnp.int32))))) > 1e-3
     with pytest.raises(ValueError, match="num_classes=None"):
         D.EpsMLP(features=8, depth=1).init(jax.random.key(0), x, 0.5, jnp.zeros(5, jnp.int32))
