@@ -130,6 +130,13 @@ def _mixtures(rng, d=3):
     }
 
 
+def _mixture_and_points(seed, kind, n):
+    """`kind` of `_mixtures` (and its covariances), the SD schedule and n points in 3-d (call under x64)."""
+    rng = np.random.default_rng(seed)
+    mix, covs = _mixtures(rng)[kind]
+    return mix, covs, D.VPSchedule.named("sd_scaled_linear"), jnp.asarray(rng.normal(size=(n, 3)))
+
+
 def _log_density(mix, covs, x, t, schedule, labels=None):
     """An independent log p_t: logsumexp over N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I) densities."""
     a, s = schedule.alpha(t), schedule.sigma(t)
@@ -179,10 +186,7 @@ def test_eps_is_minus_sigma_times_autograd_score(kind, schedule_name):
 def test_posterior_mean_is_tweedie(kind):
     """E[x0 | x_t] = (x + sigma^2 grad log p_t(x)) / alpha (Tweedie's formula) with an autograd score."""
     with jax.enable_x64(True):
-        rng = np.random.default_rng(1)
-        mix, covs = _mixtures(rng)[kind]
-        s = D.VPSchedule.named("sd_scaled_linear")
-        x = jnp.asarray(rng.normal(size=(6, 3)))
+        mix, covs, s, x = _mixture_and_points(1, kind, 6)
         t = 0.3
         score = jax.jit(jax.vmap(jax.grad(lambda z: _log_density(mix, covs, z, t, s))))(x)
         tweedie = (x + s.sigma(t) ** 2 * score) / s.alpha(t)
@@ -206,10 +210,7 @@ def test_posterior_mean_by_monte_carlo():
 
 def test_unconditional_is_the_class_average_and_guidance_is_cfg():
     with jax.enable_x64(True):
-        rng = np.random.default_rng(2)
-        mix, covs = _mixtures(rng)["conditional"]
-        s = D.VPSchedule.named("sd_scaled_linear")
-        x = jnp.asarray(rng.normal(size=(3, 3)))
+        mix, covs, s, x = _mixture_and_points(2, "conditional", 3)
         t = 0.6
 
         def log_marginal(z):  # log sum_c p(c) p_t(z | c), p(c) = 1/2
@@ -239,10 +240,7 @@ def test_labels_on_unconditional_mixture_raise():
 
 def test_model_wrappers_convert_data_and_v_predictions():
     with jax.enable_x64(True):
-        rng = np.random.default_rng(3)
-        mix, _ = _mixtures(rng)["isotropic"]
-        s = D.VPSchedule.named("sd_scaled_linear")
-        x = jnp.asarray(rng.normal(size=(4, 3)))
+        mix, _, s, x = _mixture_and_points(3, "isotropic", 4)
         t = 0.37
         eps = mix.eps(x, t, s)
         data_model = lambda z, tt: mix.posterior_mean(z, tt, s)
