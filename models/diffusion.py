@@ -267,6 +267,14 @@ def time_steps(
 
     Returns:
       float64 array of shape (nfe + 1,), decreasing.
+
+    Example:
+      >>> from theorax.models.diffusion import VPSchedule, time_steps
+      >>> schedule = VPSchedule.named("sd_scaled_linear")
+      >>> time_steps(schedule, 4).round(5).tolist()
+      [1.0, 0.75025, 0.5005, 0.25075, 0.001]
+      >>> (time_steps(schedule, 5, "linspace") * 1000 - 1).round().astype(int).tolist()  # diffusers' k
+      [999, 799, 599, 400, 200, 0]
     """
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {list(SPACINGS)}")
@@ -382,6 +390,15 @@ class GaussianMixture:
       stds: (K,) isotropic or (K, d) diagonal standard deviations; None when `covs` is given.
       class_weights: optional (C, K) per-class weights (rows normalised here); makes the model conditional.
       covs: optional (K, d, d) full covariance matrices (symmetric positive definite) instead of `stds`.
+
+    Example (N(0, 1) data stays N(0, 1) under VP noising, so eps(x, t) = sigma_t x):
+      >>> import jax.numpy as jnp
+      >>> from theorax.models.diffusion import GaussianMixture, VPSchedule
+      >>> schedule = VPSchedule.named("sd_scaled_linear")
+      >>> standard = GaussianMixture([1.0], [[0.0]], [1.0])
+      >>> x = jnp.array([[2.0], [-0.5]])
+      >>> bool(jnp.allclose(standard.eps(x, 0.5, schedule), schedule.sigma(0.5) * x))
+      True
     """
 
     def __init__(self, weights, means, stds=None, class_weights=None, *, covs=None):
