@@ -33,13 +33,18 @@ from theorax.experiments.dc_solver import make_mixture
 from theorax.inference import dc_solver as dcs
 from theorax.models import diffusion
 
-flags.DEFINE_string("out", "results/bench", "Directory for dc_solver.json.")
-flags.DEFINE_integer("points", 1000, "Number of samples.")
-flags.DEFINE_integer("nfe", 10, "Number of steps.")
-flags.DEFINE_float("cfg", 7.5, "Guidance scale.")
-flags.DEFINE_integer("repeats", 15, "Timed repeats; the median is reported.")
-flags.DEFINE_bool("torch", True, "Also time diffusers' scheduler loop.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """The command line's flags, defined only when this module runs as a script (importing it defines none,
+    so that it imports beside any other experiment module)."""
+    flags.DEFINE_string("out", "results/bench", "Directory for dc_solver.json.")
+    flags.DEFINE_integer("points", 1000, "Number of samples.", lower_bound=1)
+    flags.DEFINE_integer("nfe", 10, "Number of steps (at least the order, 3).", lower_bound=3)
+    flags.DEFINE_float("cfg", 7.5, "Guidance scale.")
+    flags.DEFINE_integer("repeats", 15, "Timed repeats; the median is reported.", lower_bound=1)
+    flags.DEFINE_bool("torch", True, "Also time diffusers' scheduler loop.")
 
 
 def main(argv):
@@ -156,4 +161,5 @@ def main(argv):
 
 if __name__ == "__main__":
     runtime.use_huge_pages()
+    _define_flags()
     app.run(main)
