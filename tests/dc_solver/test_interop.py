@@ -47,6 +47,17 @@ def _diffusers_loop(scheduler, betas, eps, x_T, nfe):
     return x.numpy()
 
 
+def _ours(mixture, schedule, x_T, nfe, solver, **options):
+    """Our sampler in float64 on diffusers' "linspace" timesteps (then sigma_min)."""
+    with jax.enable_x64(True):
+        x0 = dc_solver.sample(
+            mixture.eps_fn(schedule), jnp.asarray(x_T), schedule, nfe=nfe, solver=solver,
+            spacing="linspace", **options,
+        )  # fmt: skip
+        assert x0.dtype == jnp.float64
+    return x0
+
+
 def _rel(a, b):
     return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
 
@@ -70,20 +81,10 @@ def test_unipc_matches_diffusers(order, variant, nfe, guided):
         lower_order_final=True,
     )
     theirs = _diffusers_loop(sched, betas, eps, x_T, nfe)
-    with jax.enable_x64(True):
-        guidance = dc_solver.Guidance(jnp.asarray(labels), scale) if guided else None
-        ours = dc_solver.sample(
-            mixture.eps_fn(schedule),
-            jnp.asarray(x_T),
-            schedule,
-            nfe=nfe,
-            solver="unipc",
-            order=order,
-            variant=variant,
-            spacing="linspace",
-            guidance=guidance,
-        )
-        assert ours.dtype == jnp.float64
+    guidance = dc_solver.Guidance(labels, scale) if guided else None
+    ours = _ours(
+        mixture, schedule, x_T, nfe, "unipc", order=order, variant=variant, guidance=guidance
+    )
     assert _rel(ours, theirs) < 1e-6
 
 
@@ -94,18 +95,7 @@ def test_unipc_disable_corrector_matches_diffusers():
         trained_betas=betas, solver_order=2, final_sigmas_type="sigma_min", disable_corrector=[0]
     )
     theirs = _diffusers_loop(sched, betas, twin, x_T, 6)
-    with jax.enable_x64(True):
-        ours = dc_solver.sample(
-            mixture.eps_fn(schedule),
-            jnp.asarray(x_T),
-            schedule,
-            nfe=6,
-            solver="unipc",
-            order=2,
-            variant="bh2",
-            spacing="linspace",
-            disable_corrector=(0,),
-        )
+    ours = _ours(mixture, schedule, x_T, 6, "unipc", order=2, variant="bh2", disable_corrector=(0,))
     assert _rel(ours, theirs) < 1e-6
 
 
@@ -125,17 +115,9 @@ def test_dpm_solver_pp_matches_diffusers(order, solver_type, nfe):
         lower_order_final=True,
     )
     theirs = _diffusers_loop(sched, betas, twin, x_T, nfe)
-    with jax.enable_x64(True):
-        ours = dc_solver.sample(
-            mixture.eps_fn(schedule),
-            jnp.asarray(x_T),
-            schedule,
-            nfe=nfe,
-            solver="dpmsolver++",
-            order=order,
-            dpm_solver_type=solver_type,
-            spacing="linspace",
-        )
+    ours = _ours(
+        mixture, schedule, x_T, nfe, "dpmsolver++", order=order, dpm_solver_type=solver_type
+    )
     assert _rel(ours, theirs) < 1e-6
 
 
