@@ -18,14 +18,17 @@ files.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from matplotlib.figure import Figure
 from theorax.experiments import runtime
 from theorax.inference import dc_solver as dcs
 from theorax.models import diffusion
@@ -73,7 +76,7 @@ def validate(config) -> None:
     check = runtime.check
     runtime.check_choice("model", config.model, ("mixture", "learned"))
     runtime.check_choice("schedule", config.schedule, diffusion.SCHEDULES)
-    runtime.check_choice("solver.variant", config.solver.variant, ("bh1", "bh2"))
+    runtime.check_choice("solver.variant", config.solver.variant, dcs.VARIANTS)
     runtime.check_choice("solver.spacing", config.solver.spacing, diffusion.SPACINGS)
     runtime.check_choice("solver.order", config.solver.order, (1, 2, 3))
     runtime.check_choice("solver.dpm_order", config.solver.dpm_order, (1, 2, 3))
@@ -201,11 +204,60 @@ def _learned_eps(model, params, x, t, labels=None):
 # ------------------------------------------------------------------------------------- the study
 
 
-def _noises(seed: int, n: int, dim: int, num_classes: int):
-    """Gaussian noises and uniform labels (host numpy: nothing to compile)."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, dim), dtype=np.float32)
-    return jnp.asarray(x), jnp.asarray(rng.integers(0, num_classes, size=n, dtype=np.int32))
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """The model every step samples from: its noise prediction, schedule and sizes."""
+
+    eps_fn: Callable
+    schedule: diffusion.VPSchedule
+    dim: int
+    num_classes: int
+
+    def noises(self, seed: int, n: int):
+        """n Gaussian noises and uniform labels (host numpy: nothing to compile)."""
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((n, self.dim), dtype=np.float32)
+        labels = rng.integers(0, self.num_classes, size=n, dtype=np.int32)
+        return jnp.asarray(x), jnp.asarray(labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Samplers:
+    """The samplers the study compares, each as one solver config (`config.solver`)."""
+
+    ddim: dcs.SolverConfig
+    dpm: dcs.SolverConfig
+    unipc: dcs.SolverConfig
+    dc: dcs.SolverConfig
+
+    @classmethod
+    def from_config(cls, sc) -> Samplers:
+        unipc = dcs.SolverConfig("unipc", order=sc.order, variant=sc.variant, spacing=sc.spacing)
+        return cls(
+            ddim=dcs.SolverConfig("ddim", spacing=sc.spacing),
+            dpm=dcs.SolverConfig("dpmsolver++", order=sc.dpm_order, spacing=sc.spacing),
+            unipc=unipc,
+            dc=dataclasses.replace(unipc, solver="dc"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchedRatios:
+    """The searched ratios, {"nfe=..,cfg=..,seed=..": (nfe,)}, and per NFE the seconds of each search (the
+    first with compilation)."""
+
+    ratios: dict[str, np.ndarray]
+    seconds: dict[str, list[float]]
+
+
+@dataclasses.dataclass(frozen=True)
+class GroundTruth:
+    """The evaluation noises and labels, the ground-truth sample per CFG, and the ground truth's own error."""
+
+    x: jax.Array
+    labels: jax.Array
+    samples: dict[float, jax.Array]
+    error: dict[str, float]
 
 
 def _mse(a, b) -> float:
@@ -214,6 +266,10 @@ def _mse(a, b) -> float:
 
 def _key(nfe, cfg) -> str:
     return f"nfe={int(nfe)},cfg={float(cfg):g}"
+
+
+def _ratio_key(nfe, cfg, seed) -> str:
+    return f"{_key(nfe, cfg)},seed={seed}"
 
 
 def _spread(values) -> dict:
@@ -226,124 +282,151 @@ def _spread(values) -> dict:
     }
 
 
+def _each(items: list, desc: str):
+    """The items one by one, with a progress bar."""
+    bar = runtime.progress(len(items), desc=desc)
+    for item in items:
+        yield item
+        bar.update(1)
+    bar.close()
+
+
+def _eval_settings(config) -> tuple[list[int], list[float]]:
+    return [int(n) for n in config.eval.nfes], [float(c) for c in config.eval.cfgs]
+
+
+def _cpr_settings(config) -> list[tuple[float, int]]:
+    """The (CFG, NFE) grid CPR is fitted on."""
+    return [(float(c), int(n)) for n in config.cpr.nfes for c in config.cpr.cfgs]
+
+
+def _seeds(config) -> list[int]:
+    return [int(s) for s in config.search.seeds]
+
+
 def run(config, workdir: str) -> dict:
     """Runs the comparison described in the module docstring; returns (and writes) results.json."""
     wd = runtime.Workdir(workdir, config)
     if wd.finished:
         return wd.read_results()
     validate(config)
+    problem = make_problem(config, wd)
+    samplers = Samplers.from_config(config.solver)
+    truth = ground_truth(config, problem)
+    searched = search_all_ratios(config, problem, samplers.dc)
+    save_ratios(wd.file("ratios.json"), searched.ratios)
+    cpr_coeffs = fit_cpr(config, searched.ratios, wd)
+    table = evaluate(config, problem, samplers, truth, searched.ratios, cpr_coeffs)
+    results = summarise(config, problem, table, truth, searched, cpr_coeffs)
+    _plots(wd, results, searched.ratios, cpr_coeffs)
+    return wd.write_results(results)
+
+
+def make_problem(config, wd: runtime.Workdir) -> Problem:
+    """The analytic mixture of `config.mixture`, or the noise MLP trained here (`model=learned`)."""
     schedule = diffusion.VPSchedule.named(config.schedule)
     if config.model == "mixture":
         mixture = make_mixture(config)
-        eps_fn, dim, num_classes = mixture.eps_fn(schedule), mixture.dim, mixture.num_classes
-    else:
-        eps_fn, dim, num_classes = train_learned_model(config, wd, schedule)
-    sc = config.solver
-    common = dict(order=sc.order, variant=sc.variant, spacing=sc.spacing)
-    nfes, cfgs = [int(n) for n in config.eval.nfes], [float(c) for c in config.eval.cfgs]
-    seeds = [int(s) for s in config.search.seeds]
+        return Problem(mixture.eps_fn(schedule), schedule, mixture.dim, mixture.num_classes)
+    eps_fn, dim, num_classes = train_learned_model(config, wd, schedule)
+    return Problem(eps_fn, schedule, dim, num_classes)
 
-    # Evaluation noises and their ground truth (per CFG).
-    x_eval, y_eval = _noises(config.eval.seed, config.eval.num_samples, dim, num_classes)
-    gt, gt_error = {}, {}
-    bar = runtime.progress(len(cfgs), desc="ground truth")
-    for cfg in cfgs:
-        g = dcs.Guidance(y_eval, cfg)
-        gt[cfg] = dcs.sample(
-            eps_fn, x_eval, schedule, nfe=config.eval.gt_nfe, solver=config.eval.gt_solver, order=1,
-            spacing="time_uniform", guidance=g,
-        )  # fmt: skip
-        if config.eval.check_nfe > 0:
+
+def ground_truth(config, problem: Problem) -> GroundTruth:
+    """The evaluation noises and, per CFG, their ground-truth sample (DDIM with `eval.gt_nfe` steps) and the
+    MSE of that ground truth to a many-step DPM-Solver++ 3M solve (its error estimate)."""
+    ec = config.eval
+    eps_fn, schedule = problem.eps_fn, problem.schedule
+    x, labels = problem.noises(ec.seed, ec.num_samples)
+    gt_solver = dcs.SolverConfig(ec.gt_solver, order=1, spacing="time_uniform")
+    check_solver = dcs.SolverConfig("dpmsolver++", order=3, spacing="logSNR")
+    samples, error = {}, {}
+    for cfg in _each(_eval_settings(config)[1], "ground truth"):
+        g = dcs.Guidance(labels, cfg)
+        samples[cfg] = dcs.sample(eps_fn, x, schedule, nfe=ec.gt_nfe, solver=gt_solver, guidance=g)
+        if ec.check_nfe > 0:
             check = dcs.sample(
-                eps_fn, x_eval, schedule, nfe=config.eval.check_nfe, solver="dpmsolver++", order=3,
-                spacing="logSNR", guidance=g,
-            )  # fmt: skip
-            gt_error[_key(0, cfg)] = _mse(gt[cfg], check)
-        bar.update(1)
-    bar.close()
+                eps_fn, x, schedule, nfe=ec.check_nfe, solver=check_solver, guidance=g
+            )
+            error[_key(0, cfg)] = _mse(samples[cfg], check)
+    return GroundTruth(x, labels, samples, error)
 
-    # Search data per seed (noises + labels), disjoint from the evaluation noises.
-    search_data = {
-        s: _noises(10_000 + s, config.search.num_points, dim, num_classes) for s in seeds
-    }
-    search_kw = dict(
-        gt_steps=config.search.gt_steps,
-        gt_mode=config.search.gt_mode,
-        num_iters=config.search.num_iters,
-        lr=config.search.lr,
-        weight_decay=config.search.weight_decay,
-        **common,
-    )
-    search_times: dict[str, list[float]] = {}
 
-    def search(nfe, cfg, seed):
-        x, y = search_data[seed]
-        start = time.perf_counter()
-        r = dcs.search_ratios(
-            eps_fn, x, schedule, nfe=nfe, guidance=dcs.Guidance(y, cfg), **search_kw
-        )
-        search_times.setdefault(str(nfe), []).append(time.perf_counter() - start)
-        return r
-
-    # Ratios: evaluation settings and the CPR grid, for every seed.
-    cpr_settings = [(float(c), int(n)) for n in config.cpr.nfes for c in config.cpr.cfgs]
+def search_all_ratios(config, problem: Problem, solver: dcs.SolverConfig) -> SearchedRatios:
+    """The ratios of every evaluation setting and of every CPR-grid setting, searched for every seed on
+    `search.num_points` noises of its own (disjoint from the evaluation noises)."""
+    sc = config.search
+    nfes, cfgs = _eval_settings(config)
+    seeds = _seeds(config)
+    data = {s: problem.noises(10_000 + s, sc.num_points) for s in seeds}
+    evaluated = {(n, c) for n in nfes for c in cfgs}
     jobs = [(n, c, s) for n in nfes for c in cfgs for s in seeds]
-    jobs += [
-        (n, c, s)
-        for c, n in cpr_settings
-        for s in seeds
-        if (n, c) not in {(a, b) for a in nfes for b in cfgs}
-    ]
-    ratios: dict[str, np.ndarray] = {}
-    bar = runtime.progress(len(jobs), desc="ratio search")
-    for n, c, s in jobs:
-        ratios[f"{_key(n, c)},seed={s}"] = search(n, c, s)
-        bar.update(1)
-    bar.close()
-    save_ratios(wd.file("ratios.json"), ratios)
+    jobs += [(n, c, s) for c, n in _cpr_settings(config) for s in seeds if (n, c) not in evaluated]
+    ratios, seconds = {}, {}
+    for n, c, s in _each(jobs, "ratio search"):
+        x, labels = data[s]
+        start = time.perf_counter()
+        ratios[_ratio_key(n, c, s)] = dcs.search_ratios(
+            problem.eps_fn, x, problem.schedule, nfe=n, solver=solver,
+            guidance=dcs.Guidance(labels, c), gt_steps=sc.gt_steps, gt_mode=sc.gt_mode,
+            num_iters=sc.num_iters, lr=sc.lr, weight_decay=sc.weight_decay,
+        )  # fmt: skip
+        seconds.setdefault(str(n), []).append(time.perf_counter() - start)
+    return SearchedRatios(ratios, seconds)
 
-    cpr_coeffs = {}
-    for s in seeds:
-        coeffs = dcs.cpr_fit(
-            cpr_settings,
-            [ratios[f"{_key(n, c)},seed={s}"] for c, n in cpr_settings],
-            ridge=config.cpr.ridge,
-        )
-        cpr_coeffs[s] = coeffs
+
+def _fit_cpr_on(config, settings, ratios, seed) -> np.ndarray:
+    return dcs.cpr_fit(
+        settings, [ratios[_ratio_key(n, c, seed)] for c, n in settings], ridge=config.cpr.ridge
+    )
+
+
+def fit_cpr(config, ratios: dict, wd: runtime.Workdir) -> dict[int, np.ndarray]:
+    """Per search seed, CPR fitted on the ratios of the `cpr` grid (written as cpr_coeffs_seed<k>.npy)."""
+    coeffs = {}
+    for s in _seeds(config):
+        coeffs[s] = _fit_cpr_on(config, _cpr_settings(config), ratios, s)
         if wd.is_main:
-            tp.save_cpr_coeffs(wd.file(f"cpr_coeffs_seed{s}.npy"), coeffs)
+            tp.save_cpr_coeffs(wd.file(f"cpr_coeffs_seed{s}.npy"), coeffs[s])
+    return coeffs
 
-    # MSE of every sampler at every evaluation setting.
+
+def _sample_mse(problem: Problem, truth: GroundTruth, solver, nfe, cfg, ratios=None) -> float:
+    x0 = dcs.sample(
+        problem.eps_fn, truth.x, problem.schedule, nfe=nfe, solver=solver, ratios=ratios,
+        guidance=dcs.Guidance(truth.labels, cfg),
+    )  # fmt: skip
+    return _mse(x0, truth.samples[cfg])
+
+
+def evaluate(config, problem, samplers: Samplers, truth: GroundTruth, ratios, cpr_coeffs) -> dict:
+    """The MSE of every sampler to the ground truth at every evaluation setting (DC: over search seeds)."""
+    nfes, cfgs = _eval_settings(config)
+    seeds = _seeds(config)
     table = {}
-    bar = runtime.progress(len(nfes) * len(cfgs), desc="evaluate")
-    for n in nfes:
-        for c in cfgs:
-            g = dcs.Guidance(y_eval, c)
-            row = {
-                "ddim": _mse(dcs.sample(eps_fn, x_eval, schedule, nfe=n, solver="ddim", spacing=sc.spacing, guidance=g), gt[c]),
-                "dpmsolver++": _mse(
-                    dcs.sample(eps_fn, x_eval, schedule, nfe=n, solver="dpmsolver++", order=sc.dpm_order, spacing=sc.spacing, guidance=g),
-                    gt[c],
-                ),
-                "unipc": _mse(dcs.sample(eps_fn, x_eval, schedule, nfe=n, solver="unipc", guidance=g, **common), gt[c]),
-            }  # fmt: skip
-            searched = [
-                _mse(dcs.sample(eps_fn, x_eval, schedule, nfe=n, solver="dc", ratios=ratios[f"{_key(n, c)},seed={s}"], guidance=g, **common), gt[c])
-                for s in seeds
-            ]  # fmt: skip
-            cpr = [
-                _mse(dcs.sample(eps_fn, x_eval, schedule, nfe=n, solver="dc", ratios=dcs.cpr_predict(cpr_coeffs[s], c, n), guidance=g, **common), gt[c])
-                for s in seeds
-            ]  # fmt: skip
-            row["dc_searched"], row["dc_cpr"] = _spread(searched), _spread(cpr)
-            table[_key(n, c)] = row
-            bar.update(1)
-    bar.close()
+    for n, c in _each([(n, c) for n in nfes for c in cfgs], "evaluate"):
+        mse = functools.partial(_sample_mse, problem, truth, nfe=n, cfg=c)
+        searched = [mse(samplers.dc, ratios=ratios[_ratio_key(n, c, s)]) for s in seeds]
+        cpr = [mse(samplers.dc, ratios=dcs.cpr_predict(cpr_coeffs[s], c, n)) for s in seeds]
+        table[_key(n, c)] = {
+            "ddim": mse(samplers.ddim),
+            "dpmsolver++": mse(samplers.dpm),
+            "unipc": mse(samplers.unipc),
+            "dc_searched": _spread(searched),
+            "dc_cpr": _spread(cpr),
+        }
+    return table
 
-    holdout = _cpr_holdout(config, cpr_settings, ratios, seeds) if config.cpr.holdout else None
+
+def summarise(config, problem, table, truth, searched: SearchedRatios, cpr_coeffs) -> dict:
+    """results.json: the table, the ground truth's error, search times, CPR and the targets."""
+    sc = config.solver
+    search_seconds = searched.seconds
+    nfes, cfgs = _eval_settings(config)
+    cpr_settings = _cpr_settings(config)
     warm = {
         n: float(np.median(ts[1:])) if len(ts) > 1 else float(ts[0])
-        for n, ts in search_times.items()
+        for n, ts in search_seconds.items()
     }
     targets = {}
     for n in (5, 8):
@@ -352,42 +435,38 @@ def run(config, workdir: str) -> dict:
             targets[f"cfg7.5_nfe{n}_dc_median_beats_unipc"] = bool(
                 table[key]["dc_searched"]["median"] < table[key]["unipc"]
             )
-    results = {
+    return {
         "preset": config.preset,
         "solver": f"UniPC-{sc.order} ({sc.variant}) and DC-Solver on {sc.spacing} steps, "
         f"DPM-Solver++ {sc.dpm_order}M",
         "gt": f"{config.eval.gt_solver.upper()} with {config.eval.gt_nfe} steps",
         "model": config.model,
-        "dim": dim,
+        "dim": problem.dim,
         "nfes": nfes,
         "cfgs": cfgs,
-        "seeds": seeds,
+        "seeds": _seeds(config),
         "table": table,
-        "gt_error_mse": gt_error,
-        "search_seconds_first_call": {n: ts[0] for n, ts in search_times.items()},
+        "gt_error_mse": truth.error,
+        "search_seconds_first_call": {n: ts[0] for n, ts in search_seconds.items()},
         "search_seconds_warm_median": warm,
         "cpr_coeffs": {str(s): c.tolist() for s, c in cpr_coeffs.items()},
         "cpr_settings": cpr_settings,
         "cpr_disjoint": not any((c, n) in cpr_settings for n in nfes for c in cfgs),
-        "cpr_holdout": holdout,
+        "cpr_holdout": _cpr_holdout(config, searched.ratios) if config.cpr.holdout else None,
         "targets": targets,
     }
-    _plots(wd, results, ratios, cpr_coeffs)
-    return wd.write_results(results)
 
 
-def _cpr_holdout(config, settings, ratios, seeds):
+def _cpr_holdout(config, ratios) -> dict:
     """Leave-one-setting-out: fit CPR on the other settings, RMS error of the held-out setting's ratios."""
+    settings = _cpr_settings(config)
     errs = []
-    for s in seeds:
+    for s in _seeds(config):
         for held in settings:
-            rest = [st for st in settings if st != held]
-            coeffs = dcs.cpr_fit(
-                rest, [ratios[f"{_key(n, c)},seed={s}"] for c, n in rest], ridge=config.cpr.ridge
-            )
+            coeffs = _fit_cpr_on(config, [st for st in settings if st != held], ratios, s)
             c, n = held
             pred = dcs.cpr_predict(coeffs, c, n)
-            true = ratios[f"{_key(n, c)},seed={s}"]
+            true = ratios[_ratio_key(n, c, s)]
             errs.append(float(np.sqrt(np.mean((pred[2:] - true[2:]) ** 2))))
     return {"rms_median": float(np.median(errs)), "rms_max": float(np.max(errs)), "n": len(errs)}
 
@@ -395,14 +474,11 @@ def _cpr_holdout(config, settings, ratios, seeds):
 # ------------------------------------------------------------------------------------------- plots
 
 
-def _plots(wd: runtime.Workdir, results, ratios, cpr_coeffs) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot_mse(results) -> Figure:
+    """MSE against NFE, one panel per CFG; DC as the median over search seeds with a min-max band."""
     nfes, cfgs, table = results["nfes"], results["cfgs"], results["table"]
-    fig, axes = plt.subplots(1, len(cfgs), figsize=(4.2 * len(cfgs), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(cfgs), 3.6))
+    axes = fig.subplots(1, len(cfgs), squeeze=False)
     for ax, c in zip(axes[0], cfgs, strict=True):
         for m in METHODS:
             if m.startswith("dc"):
@@ -420,16 +496,20 @@ def _plots(wd: runtime.Workdir, results, ratios, cpr_coeffs) -> None:
     axes[0][0].set_ylabel("MSE to ground truth")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("DC-Solver vs. baselines (band: min-max over search seeds)")
-    wd.savefig(fig, "mse.png")
+    return fig
 
-    c = max(cfgs)
-    fig, axes = plt.subplots(1, len(nfes), figsize=(3.6 * len(nfes), 3.2), squeeze=False)
+
+def _plot_ratios(results, ratios, cpr_coeffs) -> Figure:
+    """Searched and CPR-predicted ratios per step at the largest CFG, one panel per NFE."""
+    nfes, c = results["nfes"], max(results["cfgs"])
+    fig = Figure(figsize=(3.6 * len(nfes), 3.2))
+    axes = fig.subplots(1, len(nfes), squeeze=False)
     for ax, n in zip(axes[0], nfes, strict=True):
+        steps = range(1, n + 1)
         for s in results["seeds"]:
-            steps = range(1, n + 1)
             (line,) = ax.plot(
                 steps,
-                ratios[f"{_key(n, c)},seed={s}"],
+                ratios[_ratio_key(n, c, s)],
                 marker="o",
                 alpha=0.8,
                 label=f"searched, seed {s}",
@@ -446,7 +526,12 @@ def _plots(wd: runtime.Workdir, results, ratios, cpr_coeffs) -> None:
         ax.set_xlabel("step i")
     axes[0][0].set_ylabel("ratio rho_i")
     axes[0][-1].legend(fontsize=7)
-    wd.savefig(fig, "ratios.png")
+    return fig
+
+
+def _plots(wd: runtime.Workdir, results, ratios, cpr_coeffs) -> None:
+    wd.savefig(_plot_mse(results), "mse.png")
+    wd.savefig(_plot_ratios(results, ratios, cpr_coeffs), "ratios.png")
 
 
 # ------------------------------------------------------------------------------------------ report
