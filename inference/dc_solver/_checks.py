@@ -7,6 +7,7 @@ reach the compiled functions as arrays of one dtype and share one program.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import jax
@@ -28,7 +29,8 @@ def noise(x_T) -> jax.Array:
     """The initial noise as a float JAX array with a leading batch axis."""
     if not hasattr(x_T, "shape") or len(x_T.shape) < 1:
         raise ValueError("x_T must be an array with a leading batch axis")
-    x_T = jnp.asarray(x_T)
+    if not isinstance(x_T, jax.Array):
+        x_T = jnp.asarray(x_T)
     if not jnp.issubdtype(x_T.dtype, jnp.floating):
         raise ValueError(f"x_T must be a float array, got dtype {x_T.dtype}")
     return x_T
@@ -79,19 +81,32 @@ def eps_fn_and_guidance(eps_fn, guidance, dtype) -> tuple[jax.tree_util.Partial,
                 "guidance was given but the GaussianMixture has no class_weights (a model without "
                 "conditions); build it with GaussianMixture.class_conditional(...) or pass guidance=None"
             )
+    signature = (partial.func, len(partial.args), tuple(partial.keywords))
     try:
-        inspect.signature(eps_fn).bind(None, None, None)
-    except TypeError:
+        takes_labels = _takes_labels(*signature)
+    except TypeError:  # an unhashable callable: check it uncached (jit will reject it anyway)
+        takes_labels = _takes_labels.__wrapped__(*signature)
+    if not takes_labels:
         name = getattr(partial.func, "__name__", partial.func)
         raise ValueError(
             f"guidance was given but eps_fn {name!r} takes no labels argument "
             "(a model without conditions); classifier-free guidance calls eps_fn(x, t, labels) and "
             "eps_fn(x, t, None). Pass guidance=None or a conditional model."
-        ) from None
-    except ValueError:  # no signature available (builtins): let tracing report it
-        pass
+        )
     check_finite(guidance.scale, "guidance scale")
     return partial, Guidance(guidance.labels, np.asarray(guidance.scale, dtype=dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_labels(func, num_bound: int, keywords: tuple[str, ...]) -> bool:
+    """Whether func(*bound, x, t, labels) binds (cached: `inspect.signature` costs ~0.1 ms a call)."""
+    try:
+        inspect.signature(func).bind(*[None] * (num_bound + 3), **dict.fromkeys(keywords))
+    except TypeError:
+        return False
+    except ValueError:  # no signature available (builtins): let tracing report it
+        pass
+    return True
 
 
 def raise_non_finite(bad, ts: np.ndarray, what: str) -> None:

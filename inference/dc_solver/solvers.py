@@ -193,9 +193,9 @@ def step_orders(config: SolverConfig, nfe: int) -> list[int]:
 def make_plan(config: SolverConfig, schedule: diffusion.VPSchedule, ts) -> Plan:
     """The coefficients of the sampler `config` on the time grid `ts` (float64 numpy, on the host).
 
-    The plan depends on the schedule only through alpha, sigma and lambda on the grid, so it is cached by those
-    values and the config (never by object identity): equal schedules share one plan, and its read-only arrays
-    cannot be changed by one caller under another.
+    Plans are cached by value, never by object identity: the key is the config, the grid's float64 bytes and
+    the schedule's pytree (its structure and the bytes of its arrays), so equal schedules share one plan, and
+    its read-only arrays cannot be changed by one caller under another.
 
     Args:
       config: the solver and its options.
@@ -222,14 +222,33 @@ def make_plan(config: SolverConfig, schedule: diffusion.VPSchedule, ts) -> Plan:
             f"ts must be a strictly decreasing 1-D grid of at least 2 times, got shape {ts.shape}"
         )
     config.check_steps(ts.shape[0] - 1)
-    values = (ts, schedule.alpha(ts), schedule.sigma(ts), schedule.lambda_(ts))
-    return _plan(config, *(np.asarray(v, dtype=np.float64).tobytes() for v in values))
+    leaves, structure = jax.tree.flatten(schedule)
+    leaves = tuple(_ArrayValue.of(leaf) for leaf in leaves)
+    return _plan(config, structure, leaves, ts.tobytes())
+
+
+class _ArrayValue(NamedTuple):
+    """A numpy array as a hashable value (dtype, shape, bytes): part of the plan cache's key."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    @classmethod
+    def of(cls, array) -> _ArrayValue:
+        array = np.asarray(array)
+        return cls(array.dtype.str, array.shape, array.tobytes())
+
+    def array(self) -> np.ndarray:
+        return np.frombuffer(self.data, dtype=self.dtype).reshape(self.shape)
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(config: SolverConfig, *values: bytes) -> Plan:
-    """The plan of `make_plan`, cached by the config and the float64 bytes of (ts, alpha, sigma, lambda)."""
-    ts, alphas, sigmas, lam = (np.frombuffer(v, dtype=np.float64) for v in values)
+def _plan(config: SolverConfig, structure, leaves: tuple[_ArrayValue, ...], ts: bytes) -> Plan:
+    """The plan of `make_plan`, cached by the config, the schedule's pytree and the grid's bytes."""
+    schedule = jax.tree.unflatten(structure, [leaf.array() for leaf in leaves])
+    ts = np.frombuffer(ts, dtype=np.float64)
+    alphas, sigmas, lam = schedule.alpha(ts), schedule.sigma(ts), schedule.lambda_(ts)
     nfe = ts.shape[0] - 1
     m = config.buffer_size
     pred_m, corr_m = np.zeros((nfe, m)), np.zeros((nfe, m))
