@@ -35,7 +35,9 @@ def _setup(seed=0, d=6, batch=8):
     return betas, schedule, mixture, x_T, labels
 
 
-def _diffusers_loop(scheduler, betas, eps, x_T, nfe):
+def _diffusers_loop(scheduler_cls, betas, eps, x_T, nfe, **options):
+    """diffusers' multistep `scheduler_cls` (final sigma = sigma_min, as our grid ends) stepped with eps."""
+    scheduler = scheduler_cls(trained_betas=betas, final_sigmas_type="sigma_min", **options)
     scheduler.set_timesteps(nfe)
     acp = np.cumprod(1.0 - betas)
     sig = np.sqrt((1.0 - acp) / acp)
@@ -73,14 +75,10 @@ def test_unipc_matches_diffusers(order, variant, nfe, guided):
     scale = 4.0
     lab = torch.from_numpy(labels)
     eps = (lambda x, t: twin.guided(x, t, lab, scale)) if guided else twin
-    sched = schedulers.UniPCMultistepScheduler(
-        trained_betas=betas,
-        solver_order=order,
-        solver_type=variant,
-        final_sigmas_type="sigma_min",
-        lower_order_final=True,
-    )
-    theirs = _diffusers_loop(sched, betas, eps, x_T, nfe)
+    theirs = _diffusers_loop(
+        schedulers.UniPCMultistepScheduler, betas, eps, x_T, nfe,
+        solver_order=order, solver_type=variant, lower_order_final=True,
+    )  # fmt: skip
     guidance = dc_solver.Guidance(labels, scale) if guided else None
     ours = _ours(
         mixture, schedule, x_T, nfe, "unipc", order=order, variant=variant, guidance=guidance
@@ -91,10 +89,15 @@ def test_unipc_matches_diffusers(order, variant, nfe, guided):
 def test_unipc_disable_corrector_matches_diffusers():
     betas, schedule, mixture, x_T, _ = _setup(seed=1)
     twin = TorchMixtureEps(mixture, schedule, dtype=torch.float64)
-    sched = schedulers.UniPCMultistepScheduler(
-        trained_betas=betas, solver_order=2, final_sigmas_type="sigma_min", disable_corrector=[0]
+    theirs = _diffusers_loop(
+        schedulers.UniPCMultistepScheduler,
+        betas,
+        twin,
+        x_T,
+        6,
+        solver_order=2,
+        disable_corrector=[0],
     )
-    theirs = _diffusers_loop(sched, betas, twin, x_T, 6)
     ours = _ours(mixture, schedule, x_T, 6, "unipc", order=2, variant="bh2", disable_corrector=(0,))
     assert _rel(ours, theirs) < 1e-6
 
@@ -106,15 +109,11 @@ def test_unipc_disable_corrector_matches_diffusers():
 def test_dpm_solver_pp_matches_diffusers(order, solver_type, nfe):
     betas, schedule, mixture, x_T, _ = _setup(seed=2)
     twin = TorchMixtureEps(mixture, schedule, dtype=torch.float64)
-    sched = schedulers.DPMSolverMultistepScheduler(
-        trained_betas=betas,
-        solver_order=order,
-        solver_type=solver_type,
-        algorithm_type="dpmsolver++",
-        final_sigmas_type="sigma_min",
+    theirs = _diffusers_loop(
+        schedulers.DPMSolverMultistepScheduler, betas, twin, x_T, nfe,
+        solver_order=order, solver_type=solver_type, algorithm_type="dpmsolver++",
         lower_order_final=True,
-    )
-    theirs = _diffusers_loop(sched, betas, twin, x_T, nfe)
+    )  # fmt: skip
     ours = _ours(
         mixture, schedule, x_T, nfe, "dpmsolver++", order=order, dpm_solver_type=solver_type
     )
