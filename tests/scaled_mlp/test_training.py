@@ -1,10 +1,13 @@
 """The recipe's steps: loss, Lion, accumulation, fine-tuning groups, linear probe, TTA, scaling-law fit."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from scipy.special import logsumexp, softmax
+from theorax.inference.scaled_mlp import augment
 from theorax.inference.scaled_mlp import training as lib
 from theorax.inference.scaled_mlp.scaling_law import ScalingLaw, fit_scaling_law, pareto_frontier
 from theorax.models.scaled_mlp import ScaledMLP
@@ -67,9 +70,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     s1, m1 = run_step(opt, recipe(**plain), params, x, y, model)
     s4, m4 = run_step(opt, recipe(accum_steps=4, **plain), params, x, y, model)
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s1["params"], s4["params"]
-    )
+    chex.assert_trees_all_close(s1["params"], s4["params"], rtol=1e-7, atol=1e-6)
 
 
 def test_finetune_body_learning_rate_multiplier():
@@ -126,12 +127,39 @@ def test_training_learns_a_separable_problem():
 
 
 def test_tta_averages_probabilities_and_masks():
-    model, params, x, y = setup(n=8)
+    model, params, x, y = setup(n=8, classes=10)
     rec = recipe(crop_scale=(0.4, 1.0), crop_ratio=(1.0, 1.0))
     mask = jnp.array([True] * 6 + [False] * 2)
-    sums = lib.make_tta_step(model, rec, 4, jax.random.key(0))(params, x, y, mask)
+    key, crops = jax.random.key(0), 4
+    sums = lib.make_tta_step(model, rec, crops, key)(params, x, y, mask)
     assert float(sums["count"]) == 6
     assert 0 <= float(sums["top1"]) <= float(sums["top5"]) <= 6
+
+    # By hand: the same crops and flips (one key per crop, split into crop and flip keys), each crop's
+    # logits from the plain model, softmax per crop in float64, the probabilities averaged over crops.
+    logits = []
+    for k in jax.random.split(key, crops):
+        k_crop, k_flip = jax.random.split(k)
+        view = augment.random_resized_crop(k_crop, x, RES, rec.crop_scale, rec.crop_ratio)
+        view = augment.normalize(augment.random_flip(k_flip, view), rec.mean, rec.std)
+        logits.append(np.asarray(model.apply(params, view), np.float64))
+    logits = np.stack(logits)
+    chex.assert_shape(logits, (crops, 8, 10))
+    assert np.ptp(logits, axis=0).max() > 0.1  # the crops differ, so how they are combined matters
+    probs = softmax(logits, axis=-1).mean(0)
+    rows, labels, m = np.arange(8), np.asarray(y), np.asarray(mask, np.float64)
+    rank = (probs > probs[rows, labels][:, None]).sum(-1)  # classes scored above the true one
+    expected = {
+        "top1": ((rank == 0) * m).sum(),
+        "top5": ((rank < 5) * m).sum(),
+        "loss": -(np.log(probs[rows, labels]) * m).sum(),
+        "count": m.sum(),
+    }
+    chex.assert_trees_all_close(jax.device_get(sums), expected, rtol=1e-5)
+    # Averaging logits instead (the paper's wording) gives a different loss, so the check can tell.
+    mean_logits = logits.mean(0)
+    log_q = mean_logits - logsumexp(mean_logits, axis=-1, keepdims=True)
+    assert abs(-(log_q[rows, labels] * m).sum() - expected["loss"]) > 1e-3 * expected["loss"]
 
 
 def test_cosine_schedule_is_stepped_per_epoch():
