@@ -285,15 +285,13 @@ def run(config, workdir: str) -> dict:
 
 
 def plot_learning_curves(wd: runtime.Workdir) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     rows = wd.read_metrics()
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval/top1" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
     ax1.set(xlabel="step", ylabel="train loss (smoothed CE, mixup)", title="training loss")
     ax2.plot([r["step"] for r in evals], [100 * r["eval/top1"] for r in evals], "o-", ms=3)
@@ -343,14 +341,12 @@ Parameter counts of the paper's models as built here (64x64x3 input, 11,230 clas
 
 def summarize_sweep(rows: list[dict], workdir: str) -> None:
     """Fits E(C) = a (b + C)^-alpha + E_inf to a sweep's compute-optimal frontier and plots it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     compute = np.array([r["compute_flops"] for r in rows])
     error = np.array([1 - r["test_top1"] for r in rows])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     for name in sorted({r["model"] for r in rows}):
         sel = [i for i, r in enumerate(rows) if r["model"] == name]
         ax.scatter(compute[sel], error[sel], s=14, label=name)
@@ -372,7 +368,6 @@ def summarize_sweep(rows: list[dict], workdir: str) -> None:
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "scaling_law.png"), dpi=150)
-    plt.close(fig)
     import json
 
     with open(os.path.join(workdir, "scaling_law.json"), "w") as f:
