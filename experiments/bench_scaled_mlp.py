@@ -109,7 +109,7 @@ def jax_step_time(
         augment=augment,
         mixup_alpha=0.8 if augment else 0.0,
     )
-    optimizer = recipe_lib.make_optimizer("lion", 5e-5)
+    optimizer = recipe_lib.make_optimizer(recipe_lib.OptimizerConfig("lion"), 5e-5)
     step = recipe_lib.make_train_step(model, optimizer, recipe, jax.random.key(1))
     state = {"params": params, "opt_state": optimizer.init(params)}
     state = jax.tree.map(jnp.copy, state)

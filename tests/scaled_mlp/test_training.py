@@ -43,7 +43,7 @@ def test_lion_matches_official_update():
     rng = np.random.default_rng(0)
     p, g1, g2 = (rng.normal(size=5) for _ in range(3))
     lr, wd, b1, b2 = 0.1, 0.5, 0.9, 0.99
-    opt = lib.make_optimizer("lion", lr, wd)
+    opt = lib.make_optimizer(lib.OptimizerConfig("lion", weight_decay=wd), lr)
     params = jnp.asarray(p)
     state = opt.init(params)
     # Official: p *= 1 - lr wd; p -= lr sign(b1 m + (1 - b1) g); m = b2 m + (1 - b2) g.
@@ -65,7 +65,7 @@ def run_step(opt, rec, params, x, y, model, **kw):
 
 def test_gradient_accumulation_equals_one_big_batch():
     model, params, x, y = setup(n=16)
-    opt = lib.make_optimizer("sgd", 0.1, momentum=0.0)
+    opt = lib.make_optimizer(lib.OptimizerConfig("sgd", momentum=0.0), 0.1)
     plain = dict(augment=False, mixup_alpha=0.0)
     s1, m1 = run_step(opt, recipe(**plain), params, x, y, model)
     s4, m4 = run_step(opt, recipe(accum_steps=4, **plain), params, x, y, model)
@@ -76,7 +76,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_finetune_body_learning_rate_multiplier():
     model, params, x, y = setup()
     lr = 0.5
-    opt = lib.make_optimizer("sgd", lr, momentum=0.0, body_lr_multiplier=0.1)
+    opt = lib.make_optimizer(lib.OptimizerConfig("sgd", momentum=0.0, body_lr_multiplier=0.1), lr)
     rec = recipe(augment=False, mixup_alpha=0.0)
     x_in = lib.train_inputs(jax.random.key(0), x, y, rec)[0]
 
@@ -94,7 +94,7 @@ def test_finetune_body_learning_rate_multiplier():
 
 def test_linear_probe_freezes_body():
     model, params, x, y = setup()
-    opt = lib.make_optimizer("lion", 1e-2, linear_probe=True)
+    opt = lib.make_optimizer(lib.OptimizerConfig("lion", linear_probe=True), 1e-2)
     state, _ = run_step(opt, recipe(), params, x, y, model, linear_probe=True)
     for name, value in state["params"]["params"].items():
         changed = any(
@@ -113,7 +113,7 @@ def test_training_learns_a_separable_problem():
     y = jnp.asarray(x.mean((1, 2, 3)) > 127.5, jnp.int32)
     model = ScaledMLP(num_classes=2, depth=2, width=32, input_shape=(RES, RES, 3))
     params = model.init(jax.random.key(0), x[:1])
-    opt = lib.make_optimizer("lion", 3e-3)
+    opt = lib.make_optimizer(lib.OptimizerConfig("lion"), 3e-3)
     rec = recipe(augment=False, mixup_alpha=0.0, label_smoothing=0.0)
     step = lib.make_train_step(model, opt, rec, jax.random.key(0))
     state = {"params": params, "opt_state": opt.init(params)}
