@@ -14,15 +14,15 @@ followed by a linear head on the residual stream (no final norm, no pooling). Fa
 `bottleneck=False` gives the S-MLP as the official code builds it (not as the paper's prose describes it):
 the embedding, then `depth - 1` blocks LN -> GELU -> Linear(m, m) without residuals, then the head.
 
-Example:
+Example: the paper's largest model, by shapes alone (`model.init` gives the values; no compilation here)
 
-    >>> model = ScaledMLP.from_name("B-4/Wi-128", num_classes=10)  # or the official "B_4-Wi_128"
-    >>> images = jnp.zeros((2, 32, 32, 3))  # (N, H, W, C), normalised with the dataset's statistics
-    >>> params = model.init(jax.random.key(0), images)
-    >>> model.apply(params, images).shape
-    (2, 10)
-    >>> sum(x.size for x in jax.tree.leaves(params)) == num_params(4, 128, 10, 32 * 32 * 3)
-    True
+    >>> model = ScaledMLP.from_name("B-12/Wi-1024", num_classes=11230)  # or the official "B_12-Wi_1024"
+    >>> images = jnp.zeros((2, 64, 64, 3))  # (N, H, W, C), normalised with the dataset's statistics
+    >>> params = jax.eval_shape(model.init, jax.random.key(0), images)
+    >>> f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters"  # Table 5: 124M
+    '124,843,998 parameters'
+    >>> jax.eval_shape(model.apply, params, images).shape
+    (2, 11230)
 """
 
 from __future__ import annotations
