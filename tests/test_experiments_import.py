@@ -59,22 +59,23 @@ print(json.dumps({"results": results, "report": section}))
 """
 
 
-def _env(**extra):
-    return {**os.environ, "JAX_NUM_CPU_DEVICES": "1", **extra}
+def python(script: str, *args: str, cwd) -> dict:
+    """Runs `script` in a fresh interpreter on one CPU device; returns the JSON of its last line."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
+        env={**os.environ, "JAX_NUM_CPU_DEVICES": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @functools.cache
 def _import_report() -> dict:
-    done = subprocess.run(
-        [sys.executable, "-c", IMPORT_ALL, ",".join(OPTIONAL), *MODULES],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return python(IMPORT_ALL, ",".join(OPTIONAL), *MODULES, cwd=ROOT)
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -93,16 +94,7 @@ def test_every_experiment_module_imports_in_one_process_without_absl_flags(modul
 @pytest.mark.parametrize("system", SYSTEMS)
 def test_run_is_callable_from_a_notebook(system, tmp_path):
     workdir = str(tmp_path / system)
-    done = subprocess.run(
-        [sys.executable, "-c", NOTEBOOK, system, workdir],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = python(NOTEBOOK, system, workdir, cwd=tmp_path)
     assert out["results"], f"{system}.run returned no results"
     with open(os.path.join(workdir, "results.json")) as f:
         assert json.load(f) == out["results"]
