@@ -140,6 +140,7 @@ class Experiment:
 
 
 def build_experiment(config, dataset: ImageDataset) -> Experiment:
+    """The run's model, batches, optimiser, recipe and jitted steps (plain Python: nothing compiles yet)."""
     check_batch_sizes(config)
     model = build_model(config, dataset)
     mesh = runtime.data_mesh()
