@@ -11,11 +11,13 @@ Measures, all float32 on whatever JAX and torch run on here:
   fed already-augmented batches (their crops happen in FFCV's loader officially, so they are not timed).
 Training FLOPs per image are 6 x forward MACs (forward 2, backward 4). Writes `OUT/scaled_mlp.json`, with the
 minor page faults per step (see `runtime.use_huge_pages`: run with `THEORAX_SYSTEM_MALLOC=1` to see the step
-with glibc's default malloc).
+with glibc's default malloc). From Python the same is `benchmark(Settings(...))`; the flags exist only when this
+module runs as a script.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -29,14 +31,32 @@ from theorax.experiments import runtime, timing
 from theorax.inference.scaled_mlp import training as recipe_lib
 from theorax.models.scaled_mlp import ScaledMLP, forward_flops, parse_architecture
 
-flags.DEFINE_string("out", "results/bench", "Directory for scaled_mlp.json.")
-flags.DEFINE_string("model", "B-6/Wi-512", "Architecture.")
-flags.DEFINE_integer("res", 32, "Image resolution (3 channels).")
-flags.DEFINE_integer("batch", 256, "Batch size.")
-flags.DEFINE_integer("steps", 10, "Timed steps per repeat.")
-flags.DEFINE_integer("repeats", 3, "Repeats; the best is reported.")
-flags.DEFINE_bool("torch", True, "Also time the PyTorch peers.")
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What to time; the command line's flags, field for field."""
+
+    model: str = "B-6/Wi-512"  # architecture
+    res: int = 32  # image resolution (3 channels)
+    batch: int = 256
+    steps: int = 10  # timed steps per repeat
+    repeats: int = 3  # the best repeat is reported
+    torch: bool = True  # also time the PyTorch peers
+
+
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags; defined only when this module runs as a script."""
+    defaults = Settings()
+    flags.DEFINE_string("out", "results/bench", "Directory for scaled_mlp.json.")
+    flags.DEFINE_string("model", defaults.model, "Architecture.")
+    flags.DEFINE_integer("res", defaults.res, "Image resolution (3 channels).")
+    flags.DEFINE_integer("batch", defaults.batch, "Batch size.")
+    flags.DEFINE_integer("steps", defaults.steps, "Timed steps per repeat.")
+    flags.DEFINE_integer("repeats", defaults.repeats, "Repeats; the best is reported.")
+    flags.DEFINE_bool("torch", defaults.torch, "Also time the PyTorch peers.")
 
 
 def matmul_rate(n: int = 2048) -> dict:
@@ -54,13 +74,15 @@ def matmul_rate(n: int = 2048) -> dict:
     return rates
 
 
-def step_dots_time(depth: int, width: int, expansion: int, in_dim: int, num_classes: int) -> float:
+def step_dots_time(
+    settings: Settings, depth: int, width: int, expansion: int, in_dim: int, num_classes: int
+) -> float:
     """Best seconds for just the matrix products of one training step, each on its own: a floor for the step.
 
     Forward x W for the embedding, every block's two layers and the head; backward dY W^T (not for the
     embedding) and X^T dY for each. Each product is reduced to a scalar so that none can be dropped.
     """
-    b, ew = FLAGS.batch, expansion * width
+    b, ew = settings.batch, expansion * width
     forward = [(in_dim, width)] + [(width, ew), (ew, width)] * depth + [(width, num_classes)]
     shapes = []  # (m, k, n) of every product
     for i, (k, n) in enumerate(forward):
@@ -71,21 +93,23 @@ def step_dots_time(depth: int, width: int, expansion: int, in_dim: int, num_clas
         for (m, k, n), k1, k2 in zip(shapes, keys[::2], keys[1::2], strict=True)
     ]
     dots = jax.jit(lambda ops: [jnp.sum(a @ w) for a, w in ops])
-    return timing.time_calls(lambda: jax.block_until_ready(dots(operands)), FLAGS.repeats, 3)[
+    return timing.time_calls(lambda: jax.block_until_ready(dots(operands)), settings.repeats, 3)[
         "min_s"
     ]
 
 
-def jax_step_time(model, params, images, labels, augment: bool) -> tuple[float, float]:
+def jax_step_time(
+    settings: Settings, model, params, images, labels, augment: bool
+) -> tuple[float, float]:
     """(best seconds per step, minor page faults per step) of our jitted step."""
     recipe = recipe_lib.Recipe(
-        res=FLAGS.res,
+        res=settings.res,
         mean=(0.5,) * 3,
         std=(0.25,) * 3,
         augment=augment,
         mixup_alpha=0.8 if augment else 0.0,
     )
-    optimizer = recipe_lib.make_optimizer("lion", 5e-5)
+    optimizer = recipe_lib.make_optimizer(recipe_lib.OptimizerConfig("lion"), 5e-5)
     step = recipe_lib.make_train_step(model, optimizer, recipe, jax.random.key(1))
     state = {"params": params, "opt_state": optimizer.init(params)}
     state = jax.tree.map(jnp.copy, state)
@@ -98,12 +122,14 @@ def jax_step_time(model, params, images, labels, augment: bool) -> tuple[float, 
 
     one()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    t = timing.time_calls(one, FLAGS.repeats, FLAGS.steps)["min_s"]
-    calls = 1 + FLAGS.repeats * FLAGS.steps
+    t = timing.time_calls(one, settings.repeats, settings.steps)["min_s"]
+    calls = 1 + settings.repeats * settings.steps
     return t, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / calls
 
 
-def torch_step_times(depth, width, expansion, num_classes, images, labels) -> dict:
+def torch_step_times(
+    settings: Settings, depth, width, expansion, num_classes, images, labels
+) -> dict:
     import torch
     from theorax.experiments.torch_peers import TorchBottleneckMLP, TorchLion
 
@@ -112,7 +138,7 @@ def torch_step_times(depth, width, expansion, num_classes, images, labels) -> di
     y = torch.from_numpy(np.asarray(labels, np.int64))
     out = {}
     for mode in ("eager", "compile"):
-        model = TorchBottleneckMLP(3 * FLAGS.res**2, width, depth, num_classes, expansion)
+        model = TorchBottleneckMLP(3 * settings.res**2, width, depth, num_classes, expansion)
         opt = TorchLion(model.parameters(), lr=5e-5)
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.3)
 
@@ -131,16 +157,18 @@ def torch_step_times(depth, width, expansion, num_classes, images, labels) -> di
             start = time.perf_counter()
             fn()
             out[f"torch_{mode}_first_call_s"] = time.perf_counter() - start
-            out[f"torch_{mode}_step_s"] = timing.time_calls(fn, FLAGS.repeats, FLAGS.steps)["min_s"]
+            out[f"torch_{mode}_step_s"] = timing.time_calls(fn, settings.repeats, settings.steps)[
+                "min_s"
+            ]
         except Exception as e:  # noqa: BLE001 - a broken torch.compile toolchain is reported, not fatal
             out[f"torch_{mode}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return out
 
 
-def main(argv):
-    del argv
-    depth, width, expansion = parse_architecture(FLAGS.model)
-    num_classes, b, res = 10, FLAGS.batch, FLAGS.res
+def benchmark(settings: Settings) -> dict:
+    """Times everything the module docstring lists; returns what `scaled_mlp.json` holds."""
+    depth, width, expansion = parse_architecture(settings.model)
+    num_classes, b, res = 10, settings.batch, settings.res
     macs = forward_flops(depth, width, num_classes, 3 * res * res, expansion)
     train_flops = 6 * macs * b
     rng = np.random.default_rng(0)
@@ -152,11 +180,11 @@ def main(argv):
     params = model.init(jax.random.key(0), jnp.zeros((1, res, res, 3)))
     peak = matmul_rate()
     machine_rate = max(peak.values())
-    t_dots = step_dots_time(depth, width, expansion, 3 * res * res, num_classes)
-    t_full, faults = jax_step_time(model, params, images, labels, augment=True)
-    t_plain, _ = jax_step_time(model, params, images, labels, augment=False)
+    t_dots = step_dots_time(settings, depth, width, expansion, 3 * res * res, num_classes)
+    t_full, faults = jax_step_time(settings, model, params, images, labels, augment=True)
+    t_plain, _ = jax_step_time(settings, model, params, images, labels, augment=False)
     result = {
-        "model": FLAGS.model,
+        "model": settings.model,
         "res": res,
         "batch": b,
         "backend": jax.default_backend(),
@@ -173,19 +201,29 @@ def main(argv):
         "jax_fraction_of_matmul_rate": train_flops / t_full / machine_rate,
         "augmentation_cost_fraction": 1 - t_plain / t_full,
     }
-    if FLAGS.torch:
-        result |= torch_step_times(depth, width, expansion, num_classes, images_np, labels_np)
+    if settings.torch:
+        result |= torch_step_times(
+            settings, depth, width, expansion, num_classes, images_np, labels_np
+        )
         for mode in ("eager", "compile"):
             if f"torch_{mode}_step_s" in result:
                 result[f"speedup_vs_torch_{mode}"] = result[f"torch_{mode}_step_s"] / t_full
+    return result
 
+
+def main(argv):
+    del argv
+    settings = Settings(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Settings)})
+    result = benchmark(settings)
     os.makedirs(FLAGS.out, exist_ok=True)
     path = os.path.join(FLAGS.out, "scaled_mlp.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    print(
-        f"\n{FLAGS.model} train step, {res}x{res}x3, batch {b}, float32, {jax.default_backend()}:"
-    )
+    b, res, t_full = settings.batch, settings.res, result["jax_full_recipe_step_s"]
+    peak, t_plain = result["matmul_flops_per_s"], result["jax_no_augment_step_s"]
+    t_dots, train_flops = result["jax_step_dots_only_s"], result["train_flops_per_step"]
+    machine_rate = max(peak.values())
+    print(f"\n{settings.model} train step, {res}x{res}x3, batch {b}, float32, {result['backend']}:")
     print(
         f"  machine matmul rate   {machine_rate / 1e9:8.1f} GFLOP/s  ({', '.join(f'{k} {v / 1e9:.1f}' for k, v in peak.items())})"
     )
@@ -215,4 +253,5 @@ def main(argv):
 
 if __name__ == "__main__":
     runtime.use_huge_pages()
+    define_flags()
     app.run(main)

@@ -6,6 +6,8 @@ r"""The demo: runs the `cpu` preset of every system and writes one report beside
 Each system is a module `experiments/<name>.py` with `run(config, workdir) -> results` and
 `report(results, workdir) -> markdown`, and a config `configs/<name>.py` with a `cpu` preset. Finished runs are
 reused (delete their directory to redo one). The report is `WORKDIR/report.md`, its plots sit beside it.
+From Python (a notebook, say) the same is `run_demo(workdir, systems, preset)`; the flags exist only when this
+module runs as a script.
 """
 
 from __future__ import annotations
@@ -21,10 +23,6 @@ from theorax.experiments import runtime
 
 # Every system adds itself here when it lands.
 SYSTEMS = ("scaled_mlp", "dc_solver", "distribution_transformer")
-
-flags.DEFINE_string("workdir", "results/demo", "Where the report and every system's run go.")
-flags.DEFINE_list("systems", list(SYSTEMS), "Which systems to run.")
-flags.DEFINE_string("preset", "cpu", "Preset of each system's config.")
 FLAGS = flags.FLAGS
 
 
@@ -44,26 +42,46 @@ def run_system(name: str, root: str, preset: str) -> str:
     )
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
-    unknown = [s for s in FLAGS.systems if s not in SYSTEMS]
-    if unknown:
-        raise app.UsageError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    sections = [run_system(name, FLAGS.workdir, FLAGS.preset) for name in FLAGS.systems]
+def unknown_systems(systems) -> str | None:
+    """The error message for names in `systems` that are not systems, or None."""
+    unknown = [s for s in systems if s not in SYSTEMS]
+    return f"unknown systems {unknown}; choose from {list(SYSTEMS)}" if unknown else None
+
+
+def run_demo(workdir: str = "results/demo", systems=SYSTEMS, preset: str = "cpu") -> str:
+    """Runs `preset` of each of `systems` under `workdir` and writes `workdir/report.md`; returns its path."""
+    if message := unknown_systems(systems):
+        raise ValueError(message)
+    os.makedirs(workdir, exist_ok=True)
+    sections = [run_system(name, workdir, preset) for name in systems]
     header = (
         "# theorax demo report\n\n"
-        f"Preset `{FLAGS.preset}` of every system, run on {platform.processor() or platform.machine()} "
+        f"Preset `{preset}` of every system, run on {platform.processor() or platform.machine()} "
         f"with {os.cpu_count()} CPU cores, JAX {jax.__version__} on {jax.default_backend()}. "
         "Each section sets our numbers beside the paper's and says what differs in the set-up.\n"
     )
-    path = os.path.join(FLAGS.workdir, "report.md")
+    path = os.path.join(workdir, "report.md")
     with open(path, "w") as f:
         f.write("\n\n".join([header, *sections]))
-    print(f"wrote {path}")
+    return path
+
+
+def define_flags() -> None:
+    """The command line's flags; defined only when this module runs as a script."""
+    flags.DEFINE_string("workdir", "results/demo", "Where the report and every system's run go.")
+    flags.DEFINE_list("systems", list(SYSTEMS), "Which systems to run.")
+    flags.DEFINE_string("preset", "cpu", "Preset of each system's config.")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
+    if message := unknown_systems(FLAGS.systems):
+        raise app.UsageError(message)
+    print(f"wrote {run_demo(FLAGS.workdir, FLAGS.systems, FLAGS.preset)}")
 
 
 if __name__ == "__main__":
     runtime.use_huge_pages()
+    define_flags()
     app.run(main)

@@ -12,13 +12,16 @@ same command resumes from the newest checkpoint; a finished run is not redone. D
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import serialization
 from theorax.experiments import runtime
 from theorax.experiments.data import EpochBatches, ImageDataset, load_image_dataset
@@ -37,7 +40,31 @@ PAPER = {
 }
 
 
-# ------------------------------------------------------------------------------------------- checks
+# ---------------------------------------------------------------------------------------------- run
+
+
+def run(config, workdir: str) -> dict:
+    """Trains (or fine-tunes) one scaled MLP as `config` says; returns and writes results.json.
+
+    Each step is a function of its own, defined below in this order (sections 1-7). A finished workdir is
+    read back, not redone; an unfinished one resumes from its newest checkpoint.
+    """
+    wd = runtime.Workdir(workdir, config)
+    if wd.finished:
+        return wd.read_results()
+    validate(config)
+    dataset = load_data(config)
+    exp = build_experiment(config, dataset)
+    state = initial_state(config, exp)
+    state, train_seconds = train(config, wd, exp, state)
+    results = final_evaluation(config, exp, state["params"])
+    results |= run_summary(config, exp, state["params"], train_seconds)
+    save_outputs(wd, state["params"])
+    wd.close()
+    return wd.write_results(results)
+
+
+# ------------------------------------------------------------------------------ 1. check the config
 
 
 def validate(config) -> None:
@@ -78,7 +105,81 @@ def validate(config) -> None:
         check(not path or os.path.exists(path), f"init.{key}={path!r}: no such file")
 
 
-# ------------------------------------------------------------------------------------------- pieces
+# --------------------------------------------------------------------------------- 2. load the data
+
+
+def load_data(config) -> ImageDataset:
+    """The dataset `data.name` (from `data.dir`), cut to its first `data.n_train` training images if set."""
+    dataset = load_image_dataset(config.data.name, config.data.dir or None)
+    if config.data.n_train > 0:
+        dataset = dataset.subset(config.data.n_train)
+    return dataset
+
+
+# -------------------------------------------------------------------------- 3. build the experiment
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """What one run trains and evaluates with, built from the config before anything is compiled.
+
+    `key` is the run's root key: `fold_in(key, 0)` initialises the parameters, `fold_in(key, 1)` drives the
+    training step's augmentation (itself folded with the step number), `fold_in(key, 2)` the TTA crops.
+    """
+
+    dataset: ImageDataset
+    model: ScaledMLP
+    recipe: recipe_lib.Recipe
+    optimizer: optax.GradientTransformation
+    batches: EpochBatches
+    num_steps: int
+    mesh: jax.sharding.Mesh
+    key: jax.Array
+    train_step: Callable  # (state, images, labels, step) -> (state, metrics), jitted, state donated
+    eval_step: Callable  # (params, images, labels, mask) -> sums, jitted
+
+
+def build_experiment(config, dataset: ImageDataset) -> Experiment:
+    """The run's model, batches, optimiser, recipe and jitted steps (plain Python: nothing compiles yet)."""
+    check_batch_sizes(config)
+    model = build_model(config, dataset)
+    mesh = runtime.data_mesh()
+    batches = EpochBatches(
+        dataset.train_images,
+        dataset.train_labels,
+        config.batch_size,
+        config.seed,
+        jax.process_index(),
+        jax.process_count(),
+    )
+    num_steps = total_steps(config, batches.steps_per_epoch)
+    optimizer = build_optimizer(config.optim, batches.steps_per_epoch, num_steps)
+    recipe = build_recipe(config, dataset)
+    key = jax.random.key(config.seed)
+    train_step = recipe_lib.make_train_step(
+        model, optimizer, recipe, jax.random.fold_in(key, 1), linear_probe=config.optim.linear_probe
+    )
+    return Experiment(
+        dataset=dataset,
+        model=model,
+        recipe=recipe,
+        optimizer=optimizer,
+        batches=batches,
+        num_steps=num_steps,
+        mesh=mesh,
+        key=key,
+        train_step=train_step,
+        eval_step=recipe_lib.make_eval_step(model, recipe),
+    )
+
+
+def check_batch_sizes(config) -> None:
+    """The training and evaluation batches must split over the devices (and processes) there are."""
+    runtime.local_batch_size(config.batch_size)
+    runtime.check(
+        config.eval.batch_size % jax.device_count() == 0,
+        f"eval.batch_size={config.eval.batch_size} must be a multiple of {jax.device_count()} devices",
+    )
 
 
 def build_model(config, dataset: ImageDataset) -> ScaledMLP:
@@ -91,6 +192,61 @@ def build_model(config, dataset: ImageDataset) -> ScaledMLP:
         input_shape=(config.data.res, config.data.res, channels),
         dtype=dtype,
     )
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+    """`num_steps` if set, else `epochs` (possibly fractional) of `steps_per_epoch`, at least one step."""
+    if config.num_steps > 0:
+        return config.num_steps
+    return max(1, math.ceil(config.epochs * steps_per_epoch))
+
+
+def build_optimizer(optim, steps_per_epoch: int, num_steps: int) -> optax.GradientTransformation:
+    """The config's `optim` section as the recipe's optimiser, with its learning-rate schedule."""
+    schedule = recipe_lib.learning_rate_schedule(
+        optim.lr,
+        optim.schedule,
+        steps_per_epoch,
+        max(1, math.ceil(num_steps / steps_per_epoch)),
+        optim.warmup_steps,
+    )
+    settings = recipe_lib.OptimizerConfig(
+        name=optim.name,
+        weight_decay=optim.weight_decay,
+        clip=optim.clip,
+        body_lr_multiplier=optim.body_lr_multiplier,
+        linear_probe=optim.linear_probe,
+        b1=optim.b1,
+        b2=optim.b2,
+        momentum=optim.momentum,
+    )
+    return recipe_lib.make_optimizer(settings, schedule)
+
+
+def build_recipe(config, dataset: ImageDataset) -> recipe_lib.Recipe:
+    """The config's `recipe` section (and the data's statistics) as the steps' data-side settings."""
+    return recipe_lib.Recipe(
+        res=config.data.res,
+        mean=dataset.mean,
+        std=dataset.std,
+        label_smoothing=config.recipe.label_smoothing,
+        augment=config.recipe.augment,
+        mixup_alpha=config.recipe.mixup_alpha,
+        crop_scale=tuple(config.recipe.crop_scale),
+        crop_ratio=tuple(config.recipe.crop_ratio),
+        flip=config.recipe.flip,
+        accum_steps=config.optim.accum_steps,
+    )
+
+
+# --------------------------------------------------------------------------------- 4. initial state
+
+
+def initial_state(config, exp: Experiment) -> dict:
+    """The training state `{"params", "opt_state"}`, replicated over the mesh."""
+    params = initial_params(config, exp.model, jax.random.fold_in(exp.key, 0))
+    state = {"params": params, "opt_state": exp.optimizer.init(params)}
+    return jax.device_put(state, runtime.replicated(exp.mesh))
 
 
 def initial_params(config, model: ScaledMLP, key: jax.Array):
@@ -124,15 +280,50 @@ def initial_params(config, model: ScaledMLP, key: jax.Array):
     return {"params": {**fresh, **jax.tree.map(jnp.asarray, body)}}
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
-    """Fixed-size batches (the last padded and masked), this process's rows of each global batch."""
-    n, p, n_proc = len(labels), jax.process_index(), jax.process_count()
-    local = batch_size // n_proc
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)[p * local : (p + 1) * local]
-        mask = idx < n
-        idx = np.where(mask, idx, 0)
-        yield images[idx], labels[idx], mask
+# ----------------------------------------------------------------------------------------- 5. train
+
+
+def train(config, wd: runtime.Workdir, exp: Experiment, state) -> tuple[dict, float]:
+    """Runs (or resumes) the training loop, evaluating at every checkpoint; returns (state, seconds)."""
+
+    def step_fn(state, step):
+        images, labels = runtime.global_batch(exp.batches.batch(step), exp.mesh)
+        return exp.train_step(state, images, labels, np.int32(step))
+
+    def on_checkpoint(step, state):
+        return evaluate(
+            exp.eval_step, state["params"], exp.dataset, config.eval.batch_size, exp.mesh
+        )
+
+    start = time.perf_counter()
+    state = runtime.train(
+        wd,
+        state,
+        step_fn,
+        num_steps=exp.num_steps,
+        checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+        desc=f"{config.model.name} on {exp.dataset.name}",
+        on_checkpoint=on_checkpoint,
+    )
+    return state, time.perf_counter() - start
+
+
+# -------------------------------------------------------------------------------------- 6. evaluate
+
+
+def final_evaluation(config, exp: Experiment, params) -> dict:
+    """Test top-1 / top-5 / loss on centre crops, and with `eval.tta_crops` random crops if set."""
+    batch_size = config.eval.batch_size
+    final = evaluate(exp.eval_step, params, exp.dataset, batch_size, exp.mesh)
+    results = {f"test_{k}": v for k, v in final.items()}
+    if config.eval.tta_crops > 0:
+        tta_fn = recipe_lib.make_tta_step(
+            exp.model, exp.recipe, config.eval.tta_crops, jax.random.fold_in(exp.key, 2)
+        )
+        tta = evaluate(tta_fn, params, exp.dataset, batch_size, exp.mesh)
+        results |= {f"test_tta_{k}": v for k, v in tta.items()}
+    return results
 
 
 def evaluate(eval_fn, params, dataset: ImageDataset, batch_size: int, mesh) -> dict:
@@ -148,152 +339,63 @@ def evaluate(eval_fn, params, dataset: ImageDataset, batch_size: int, mesh) -> d
     }
 
 
-# ---------------------------------------------------------------------------------------------- run
+def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
+    """Fixed-size batches (the last padded and masked), this process's rows of each global batch."""
+    n, p, n_proc = len(labels), jax.process_index(), jax.process_count()
+    local = batch_size // n_proc
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)[p * local : (p + 1) * local]
+        mask = idx < n
+        idx = np.where(mask, idx, 0)
+        yield images[idx], labels[idx], mask
 
 
-def run(config, workdir: str) -> dict:
-    """Trains (or fine-tunes) one scaled MLP as `config` says; returns and writes results.json."""
-    wd = runtime.Workdir(workdir, config)
-    if wd.finished:
-        return wd.read_results()
-    validate(config)
-    dataset = load_image_dataset(config.data.name, config.data.dir or None)
-    if config.data.n_train > 0:
-        dataset = dataset.subset(config.data.n_train)
-    eval_batch = config.eval.batch_size
-    runtime.local_batch_size(config.batch_size)
-    runtime.check(
-        eval_batch % jax.device_count() == 0,
-        f"eval.batch_size={eval_batch} must be a multiple of {jax.device_count()} devices",
-    )
+# ---------------------------------------------------------------------------- 7. summarise and save
 
-    model = build_model(config, dataset)
-    mesh = runtime.data_mesh()
-    n_train = len(dataset.train_labels)
-    batches = EpochBatches(
-        dataset.train_images,
-        dataset.train_labels,
-        config.batch_size,
-        config.seed,
-        jax.process_index(),
-        jax.process_count(),
-    )
-    spe = batches.steps_per_epoch
-    num_steps = config.num_steps if config.num_steps > 0 else max(1, math.ceil(config.epochs * spe))
-    schedule = recipe_lib.learning_rate_schedule(
-        config.optim.lr,
-        config.optim.schedule,
-        spe,
-        max(1, math.ceil(num_steps / spe)),
-        config.optim.warmup_steps,
-    )
-    optimizer = recipe_lib.make_optimizer(
-        config.optim.name,
-        schedule,
-        config.optim.weight_decay,
-        clip=config.optim.clip,
-        body_lr_multiplier=config.optim.body_lr_multiplier,
-        linear_probe=config.optim.linear_probe,
-        b1=config.optim.b1,
-        b2=config.optim.b2,
-        momentum=config.optim.momentum,
-    )
-    recipe = recipe_lib.Recipe(
-        res=config.data.res,
-        mean=dataset.mean,
-        std=dataset.std,
-        label_smoothing=config.recipe.label_smoothing,
-        augment=config.recipe.augment,
-        mixup_alpha=config.recipe.mixup_alpha,
-        crop_scale=tuple(config.recipe.crop_scale),
-        crop_ratio=tuple(config.recipe.crop_ratio),
-        flip=config.recipe.flip,
-        accum_steps=config.optim.accum_steps,
-    )
 
-    key = jax.random.key(config.seed)
-    params = initial_params(config, model, jax.random.fold_in(key, 0))
-    state = {"params": params, "opt_state": optimizer.init(params)}
-    state = jax.device_put(state, runtime.replicated(mesh))
-    train_step = recipe_lib.make_train_step(
-        model, optimizer, recipe, jax.random.fold_in(key, 1), linear_probe=config.optim.linear_probe
-    )
-    eval_fn = recipe_lib.make_eval_step(model, recipe)
-
-    def step_fn(state, step):
-        images, labels = runtime.global_batch(batches.batch(step), mesh)
-        return train_step(state, images, labels, np.int32(step))
-
-    def on_checkpoint(step, state):
-        return evaluate(eval_fn, state["params"], dataset, eval_batch, mesh)
-
-    start = time.perf_counter()
-    state = runtime.train(
-        wd,
-        state,
-        step_fn,
-        num_steps=num_steps,
-        checkpoint_every=config.checkpoint_every,
-        log_every=config.log_every,
-        desc=f"{config.model.name} on {dataset.name}",
-        on_checkpoint=on_checkpoint,
-    )
-    train_seconds = time.perf_counter() - start
-
-    final = evaluate(eval_fn, state["params"], dataset, eval_batch, mesh)
-    results = {f"test_{k}": v for k, v in final.items()}
-    if config.eval.tta_crops > 0:
-        tta_fn = recipe_lib.make_tta_step(
-            model, recipe, config.eval.tta_crops, jax.random.fold_in(key, 2)
-        )
-        results |= {
-            f"test_tta_{k}": v
-            for k, v in evaluate(tta_fn, state["params"], dataset, eval_batch, mesh).items()
-        }
-
-    depth, width, expansion = parse_architecture(config.model.name)
+def run_summary(config, exp: Experiment, params, train_seconds: float) -> dict:
+    """What ran: the model, data, parameters, and the paper's compute C = FLOP(f) x 3 x examples."""
+    model, n_train = exp.model, len(exp.dataset.train_labels)
     macs = forward_flops(
-        depth,
-        width,
-        dataset.num_classes,
-        int(np.prod(model.input_shape)),
-        expansion,
-        config.model.bottleneck,
+        model.depth,
+        model.width,
+        model.num_classes,
+        math.prod(model.input_shape),
+        model.expansion,
+        model.bottleneck,
     )
-    examples = num_steps * config.batch_size
-    results |= {
+    examples = exp.num_steps * config.batch_size
+    return {
         "model": config.model.name,
-        "dataset": dataset.name,
+        "dataset": exp.dataset.name,
         "n_train": n_train,
-        "num_params": int(sum(x.size for x in jax.tree.leaves(state["params"]))),
+        "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
         "forward_macs": macs,
         "compute_flops": recipe_lib.compute_flops(macs, examples),
         "examples_seen": examples,
         "epochs": examples / n_train,
-        "steps": num_steps,
+        "steps": exp.num_steps,
         "train_seconds_this_session": train_seconds,
     }
-    if wd.is_main:
-        with open(wd.file("params.msgpack"), "wb") as f:
-            f.write(serialization.msgpack_serialize(jax.device_get(state["params"])))
-        plot_learning_curves(wd)
-    wd.close()
-    return wd.write_results(results)
 
 
-# ------------------------------------------------------------------------------------------- output
+def save_outputs(wd: runtime.Workdir, params) -> None:
+    """params.msgpack (loadable with `init.params_file`) and the learning curves, from process 0."""
+    if not wd.is_main:
+        return
+    with open(wd.file("params.msgpack"), "wb") as f:
+        f.write(serialization.msgpack_serialize(jax.device_get(params)))
+    plot_learning_curves(wd)
 
 
 def plot_learning_curves(wd: runtime.Workdir) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     rows = wd.read_metrics()
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval/top1" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
     ax1.set(xlabel="step", ylabel="train loss (smoothed CE, mixup)", title="training loss")
     ax2.plot([r["step"] for r in evals], [100 * r["eval/top1"] for r in evals], "o-", ms=3)
@@ -302,6 +404,9 @@ def plot_learning_curves(wd: runtime.Workdir) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     wd.savefig(fig, "learning_curves.png")
+
+
+# -------------------------------------------------------- the demo's report and the sweep's summary
 
 
 # Table 5 / README parameter counts (millions) at 64x64x3 with the 11,230-class ImageNet-21k head.
@@ -343,14 +448,12 @@ Parameter counts of the paper's models as built here (64x64x3 input, 11,230 clas
 
 def summarize_sweep(rows: list[dict], workdir: str) -> None:
     """Fits E(C) = a (b + C)^-alpha + E_inf to a sweep's compute-optimal frontier and plots it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     compute = np.array([r["compute_flops"] for r in rows])
     error = np.array([1 - r["test_top1"] for r in rows])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     for name in sorted({r["model"] for r in rows}):
         sel = [i for i, r in enumerate(rows) if r["model"] == name]
         ax.scatter(compute[sel], error[sel], s=14, label=name)
@@ -372,7 +475,6 @@ def summarize_sweep(rows: list[dict], workdir: str) -> None:
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "scaling_law.png"), dpi=150)
-    plt.close(fig)
     import json
 
     with open(os.path.join(workdir, "scaling_law.json"), "w") as f:

@@ -9,7 +9,8 @@ r"""Runs every point of a config's `get_sweep()` and gathers their results into 
 overrides passed as `--config.key=value` flags, one after another; a finished point is skipped and an
 interrupted one resumes, so rerunning the sweep is safe. Afterwards every point's `results.json` is gathered into
 `DIR/sweep.json` and `DIR/sweep.md`, and the system's `summarize_sweep(rows, workdir)` hook, if it has one (the
-scaling-law fit of the scaled MLPs, say), runs over them.
+scaling-law fit of the scaled MLPs, say), runs over them. From Python the same is
+`run_sweep(config_spec, workdir)`; the flags exist only when this module runs as a script.
 """
 
 from __future__ import annotations
@@ -27,14 +28,6 @@ import sys
 from absl import app, flags
 from theorax.experiments import runtime
 
-flags.DEFINE_string(
-    "config", None, "Config file and preset, as for the entry point: path.py:preset."
-)
-flags.DEFINE_string("workdir", None, "Sweep directory; one sub-directory per point.")
-flags.DEFINE_bool("print_commands", False, "Print one command per point and exit.")
-flags.DEFINE_string("slurm_array", None, "Write a SLURM array script to this path and exit.")
-flags.DEFINE_bool("gather_only", False, "Only gather the results of finished points.")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
@@ -93,41 +86,78 @@ def gather(system: str, workdir: str, points: list[dict]) -> list[dict]:
     return rows
 
 
-def main(argv):
-    del argv
-    path, system, points = load_sweep(FLAGS.config)
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    commands = [point_command(FLAGS.config, system, FLAGS.workdir, p) for p in points]
-    if FLAGS.print_commands:
+def slurm_array_script(system: str, commands: list[list[str]]) -> str:
+    """A SLURM array job whose task i runs `commands[i]` from the current directory."""
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --array=0-{len(commands) - 1}",
+        f"#SBATCH --job-name=theorax-{system}",
+        "set -euo pipefail",
+        f"cd {shlex.quote(os.getcwd())}",
+        "case $SLURM_ARRAY_TASK_ID in",
+    ]
+    lines += [f"  {i}) {shlex.join(c)} ;;" for i, c in enumerate(commands)]
+    lines += ["esac", ""]
+    return "\n".join(lines)
+
+
+def run_sweep(
+    config_spec: str,
+    workdir: str,
+    *,
+    print_commands: bool = False,
+    slurm_array: str | None = None,
+    gather_only: bool = False,
+) -> list[dict] | None:
+    """Runs (or prints, or writes as a SLURM array) every point of `config_spec`'s sweep, then gathers.
+
+    Returns the gathered rows, or None after `print_commands` / `slurm_array`, which run nothing.
+    """
+    _, system, points = load_sweep(config_spec)
+    os.makedirs(workdir, exist_ok=True)
+    commands = [point_command(config_spec, system, workdir, p) for p in points]
+    if print_commands:
         for cmd in commands:
             print(shlex.join(cmd))
-        return
-    if FLAGS.slurm_array:
-        lines = [
-            "#!/bin/bash",
-            f"#SBATCH --array=0-{len(commands) - 1}",
-            f"#SBATCH --job-name=theorax-{system}",
-            "set -euo pipefail",
-            f"cd {shlex.quote(os.getcwd())}",
-            "case $SLURM_ARRAY_TASK_ID in",
-        ]
-        lines += [f"  {i}) {shlex.join(c)} ;;" for i, c in enumerate(commands)]
-        lines += ["esac", ""]
-        with open(FLAGS.slurm_array, "w") as f:
-            f.write("\n".join(lines))
-        print(f"wrote {FLAGS.slurm_array}: sbatch it, then rerun with --gather_only")
-        return
-    if not FLAGS.gather_only:
+        return None
+    if slurm_array:
+        with open(slurm_array, "w") as f:
+            f.write(slurm_array_script(system, commands))
+        print(f"wrote {slurm_array}: sbatch it, then rerun with --gather_only")
+        return None
+    if not gather_only:
         for i, (overrides, cmd) in enumerate(zip(points, commands, strict=True)):
-            done = os.path.exists(
-                os.path.join(FLAGS.workdir, point_name(overrides), "results.json")
-            )
+            done = os.path.exists(os.path.join(workdir, point_name(overrides), "results.json"))
             print(f"[{i + 1}/{len(points)}] {point_name(overrides)}" + (" (done)" if done else ""))
             if not done:
                 subprocess.run(cmd, check=True)
-    gather(system, FLAGS.workdir, points)
+    return gather(system, workdir, points)
+
+
+def define_flags() -> None:
+    """The command line's flags; defined only when this module runs as a script."""
+    flags.DEFINE_string(
+        "config", None, "Config file and preset, as for the entry point: path.py:preset."
+    )
+    flags.DEFINE_string("workdir", None, "Sweep directory; one sub-directory per point.")
+    flags.DEFINE_bool("print_commands", False, "Print one command per point and exit.")
+    flags.DEFINE_string("slurm_array", None, "Write a SLURM array script to this path and exit.")
+    flags.DEFINE_bool("gather_only", False, "Only gather the results of finished points.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    run_sweep(
+        FLAGS.config,
+        FLAGS.workdir,
+        print_commands=FLAGS.print_commands,
+        slurm_array=FLAGS.slurm_array,
+        gather_only=FLAGS.gather_only,
+    )
 
 
 if __name__ == "__main__":
     runtime.use_huge_pages()
+    define_flags()
     app.run(main)

@@ -14,11 +14,15 @@ followed by a linear head on the residual stream (no final norm, no pooling). Fa
 `bottleneck=False` gives the S-MLP as the official code builds it (not as the paper's prose describes it):
 the embedding, then `depth - 1` blocks LN -> GELU -> Linear(m, m) without residuals, then the head.
 
-Example:
+Example: the paper's largest model, by shapes alone (`model.init` gives the values; no compilation here)
 
-    >>> model = ScaledMLP.from_name("B-6/Wi-512", num_classes=10)
-    >>> params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    >>> logits = model.apply(params, images)                    # images: (N, 32, 32, 3), normalised
+    >>> model = ScaledMLP.from_name("B-12/Wi-1024", num_classes=11230)  # or the official "B_12-Wi_1024"
+    >>> images = jnp.zeros((2, 64, 64, 3))  # (N, H, W, C), normalised with the dataset's statistics
+    >>> params = jax.eval_shape(model.init, jax.random.key(0), images)
+    >>> f"{sum(x.size for x in jax.tree.leaves(params)):,} parameters"  # Table 5: 124M
+    '124,843,998 parameters'
+    >>> jax.eval_shape(model.apply, params, images).shape
+    (2, 11230)
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax.linen.dtypes import promote_dtype
 from jaxtyping import Array, Float
 from theorax.models.layers import gelu
@@ -80,7 +85,16 @@ class TorchLinear(nn.Module):
 
 def flatten_chw(images: Float[Array, "n h w c"]) -> Float[Array, "n chw"]:
     """Flattens NHWC images in channel, row, column order (the official NCHW `reshape(B, -1)`)."""
-    return jnp.transpose(images, (0, 3, 1, 2)).reshape(images.shape[0], -1)
+    return rearrange(images, "n h w c -> n (c h w)")
+
+
+def _image_shape(inputs: int, channels: int) -> str:
+    """The square image of `inputs` = H * W * C values, with the given channels or else RGB or grey."""
+    for c in (channels, 3, 1):
+        side = math.isqrt(inputs // c) if c > 0 else 0
+        if side * side * c == inputs:
+            return str((side, side, c))
+    return f"(H, W, C) with H * W * C = {inputs}"
 
 
 class ScaledMLP(nn.Module):
@@ -92,8 +106,9 @@ class ScaledMLP(nn.Module):
       width: residual width m.
       expansion: inverted-bottleneck factor k (hidden width k m); the paper uses 4.
       bottleneck: True for the B-MLP (residual inverted bottleneck), False for the official S-MLP.
-      input_shape: optional (H, W, C) the embedding expects; when set, images of another size raise a
-        `ValueError` before tracing instead of failing inside the matmul.
+      input_shape: optional (H, W, C) the embedding expects; images of another shape raise a `ValueError`
+        naming both shapes before anything is traced. Without it, `apply` makes the same check against the
+        embedding's parameters, which fix H * W * C (the message names the square image that fits).
       dtype: computation dtype (e.g. `jnp.bfloat16`); parameters stay float32.
     """
 
@@ -112,15 +127,26 @@ class ScaledMLP(nn.Module):
         return cls(num_classes, depth, width, expansion, **kwargs)
 
     def _check_input(self, images) -> None:
+        """Rank and image-shape checks in plain Python, so a wrong image fails before any tracing."""
         if images.ndim != 4:
             raise ValueError(
                 f"ScaledMLP expects images of rank 4 (N, H, W, C), got shape {tuple(images.shape)}; "
                 "add a batch axis with images[None] for a single image"
             )
-        if self.input_shape is not None and tuple(images.shape[1:]) != tuple(self.input_shape):
+        given = tuple(images.shape[1:])
+        if self.input_shape is not None and given != tuple(self.input_shape):
             raise ValueError(
                 f"ScaledMLP was built for images of shape {tuple(self.input_shape)} (H, W, C), got "
-                f"{tuple(images.shape[1:])}; resize or crop the images to that resolution"
+                f"{given}; resize or crop the images to that resolution"
+            )
+        kernel = self.variables.get("params", {}).get("linear_in", {}).get("kernel")
+        if kernel is not None and kernel.shape[0] != math.prod(given):
+            inputs = kernel.shape[0]
+            raise ValueError(
+                f"ScaledMLP's parameters expect images of shape {_image_shape(inputs, given[-1])} "
+                f"(linear_in takes H * W * C = {inputs} inputs), got images of shape {given} "
+                f"({math.prod(given)} values); resize or crop the images to that resolution, or "
+                "initialise the parameters at this one"
             )
 
     @nn.compact

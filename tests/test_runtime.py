@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,10 +48,6 @@ def params(workdir):
         return serialization.msgpack_restore(f.read())
 
 
-def assert_trees(a, b, **tol):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,7 +74,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert manager.latest_step is not None and manager.latest_step % 10 == 0
     manager.close()
     launch(killed, *steps)  # the same command resumes
-    assert_trees(params(killed), params(tmp_path / "full"), rtol=0, atol=0)
+    chex.assert_trees_all_close(params(killed), params(tmp_path / "full"), rtol=0, atol=0)
     rows = [json.loads(line) for line in open(killed / "metrics.jsonl")]
     logged = [r["step"] for r in rows if "loss" in r]
     assert logged == sorted(set(logged)), "metrics past the resumed checkpoint were not dropped"
@@ -94,7 +91,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
 def test_one_device_equals_four_devices_equals_two_processes(tmp_path):
     launch(tmp_path / "four", *SGD, devices=4)
     launch(tmp_path / "one", *SGD, devices=1)
-    assert_trees(params(tmp_path / "one"), params(tmp_path / "four"), rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(
+        params(tmp_path / "one"), params(tmp_path / "four"), rtol=1e-4, atol=1e-5
+    )
 
     port = free_port()
     procs = [
@@ -112,7 +111,9 @@ def test_one_device_equals_four_devices_equals_two_processes(tmp_path):
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    assert_trees(params(tmp_path / "multi"), params(tmp_path / "four"), rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(
+        params(tmp_path / "multi"), params(tmp_path / "four"), rtol=1e-4, atol=1e-5
+    )
     four = json.load(open(tmp_path / "four" / "results.json"))
     multi = json.load(open(tmp_path / "multi" / "results.json"))
     assert abs(four["test_top1"] - multi["test_top1"]) < 1e-6

@@ -12,10 +12,22 @@ PyTorch Linear weights are (out, in) and become Flax kernels (in, out). Depth, w
 read off the shapes; the image is taken as RGB (3 channels) and square unless `image_shape` says otherwise.
 Prefixes added by DataParallel (`module.`) or torch.compile (`_orig_mod.`) are stripped.
 
-Example:
+`load_checkpoint("B_12-Wi_1024_res_64_in21k_cifar10.pt")` reads an official file and returns `(model, params)`;
+`model.apply(params, images)` then takes (N, 64, 64, 3) images normalised with the dataset's statistics.
 
-    >>> model, params = load_checkpoint("B_12-Wi_1024_res_64_in21k_cifar10.pt")
-    >>> logits = model.apply(params, images)   # (N, 64, 64, 3), normalised with the dataset's statistics
+Example: a one-block, width-16 state dict in the official layout (numpy arrays, as `torch_pickle.load` returns)
+
+    >>> rng = np.random.default_rng(0)
+    >>> linears = {"linear_in": (16, 8 * 8 * 3), "blocks.0.block.0": (64, 16),
+    ...            "blocks.0.block.2": (16, 64), "linear_out": (7, 16)}
+    >>> state = {f"{k}.weight": rng.normal(size=s) for k, s in linears.items()}
+    >>> state |= {f"{k}.bias": np.zeros(s[0]) for k, s in linears.items()}
+    >>> state |= {"layernorms.0.weight": np.ones(16), "layernorms.0.bias": np.zeros(16)}
+    >>> model, params = convert_state_dict(state)
+    >>> model.depth, model.width, model.expansion, model.num_classes, model.input_shape
+    (1, 16, 4, 7, (8, 8, 3))
+    >>> model.apply(params, np.zeros((2, 8, 8, 3), np.float32)).shape
+    (2, 7)
 """
 
 from __future__ import annotations

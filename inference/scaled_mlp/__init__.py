@@ -8,6 +8,7 @@
 from theorax.inference.scaled_mlp import augment
 from theorax.inference.scaled_mlp.scaling_law import ScalingLaw, fit_scaling_law, pareto_frontier
 from theorax.inference.scaled_mlp.training import (
+    OptimizerConfig,
     Recipe,
     compute_flops,
     make_eval_step,
@@ -19,6 +20,7 @@ from theorax.inference.scaled_mlp.training import (
 
 __all__ = [
     "augment",
+    "OptimizerConfig",
     "Recipe",
     "compute_flops",
     "make_eval_step",

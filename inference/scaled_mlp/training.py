@@ -40,7 +40,6 @@ class Recipe:
       crop_scale, crop_ratio: `RandomResizedCrop` ranges (area fraction, aspect ratio).
       flip: horizontal flips during augmentation.
       accum_steps: gradient-accumulation micro-batches per step.
-      compute_dtype: dtype of the forward/backward compute (float32 or bfloat16).
     """
 
     res: int
@@ -56,6 +55,30 @@ class Recipe:
 
 
 # ------------------------------------------------------------------------------------------ optimiser
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Optimiser-side settings of the recipe; the learning rate (or schedule) goes beside it.
+
+    Attributes:
+      name: 'lion', 'sgd' or 'adamw'.
+      weight_decay: decoupled (Lion, AdamW: multiplied by the learning rate) or L2 (SGD) weight decay.
+      clip: global-norm clipping threshold; 0 turns it off.
+      body_lr_multiplier: the body's learning rate is this times the head's (paper: 0.1 when fine-tuning).
+      linear_probe: freeze the body (only `linear_out` trains).
+      b1, b2: the Lion / AdamW betas (official 0.9, 0.99).
+      momentum: SGD's momentum.
+    """
+
+    name: str = "lion"
+    weight_decay: float = 0.0
+    clip: float = 0.0
+    body_lr_multiplier: float = 1.0
+    linear_probe: bool = False
+    b1: float = 0.9
+    b2: float = 0.99
+    momentum: float = 0.9
 
 
 def learning_rate_schedule(
@@ -77,20 +100,19 @@ def learning_rate_schedule(
     return schedule
 
 
-def base_optimizer(
-    name: str, learning_rate, weight_decay: float, *, b1=0.9, b2=0.99, momentum=0.9
-) -> optax.GradientTransformation:
+def base_optimizer(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """Lion (decoupled wd x lr), SGD with momentum (coupled L2 wd, as torch.optim.SGD), or AdamW."""
-    if name == "lion":
-        return optax.lion(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay)
-    if name == "sgd":
+    c = config
+    if c.name == "lion":
+        return optax.lion(learning_rate, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay)
+    if c.name == "sgd":
         return optax.chain(
-            optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity(),
-            optax.sgd(learning_rate, momentum=momentum),
+            optax.add_decayed_weights(c.weight_decay) if c.weight_decay else optax.identity(),
+            optax.sgd(learning_rate, momentum=c.momentum),
         )
-    if name == "adamw":
-        return optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay)
-    raise ValueError(f"optimizer={name!r} is not one of ['lion', 'sgd', 'adamw']")
+    if c.name == "adamw":
+        return optax.adamw(learning_rate, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay)
+    raise ValueError(f"optimizer={c.name!r} is not one of ['lion', 'sgd', 'adamw']")
 
 
 def head_or_body(params) -> dict:
@@ -103,45 +125,40 @@ def head_or_body(params) -> dict:
     }
 
 
-def make_optimizer(
-    name: str,
-    learning_rate,
-    weight_decay: float = 0.0,
-    *,
-    clip: float = 0.0,
-    body_lr_multiplier: float = 1.0,
-    linear_probe: bool = False,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    momentum: float = 0.9,
-) -> optax.GradientTransformation:
+def make_optimizer(config: OptimizerConfig, learning_rate) -> optax.GradientTransformation:
     """The full optimiser: optional clipping, then the base optimiser per parameter group.
 
     Args:
-      name: 'lion', 'sgd' or 'adamw'.
+      config: the optimiser's settings (`OptimizerConfig`).
       learning_rate: a float or an optax schedule (the head's rate when fine-tuning).
-      weight_decay: decoupled (Lion, AdamW) or L2 (SGD) weight decay.
-      clip: global-norm clipping threshold; 0 turns it off.
-      body_lr_multiplier: the body's learning rate is this times the head's (paper: 0.1 when fine-tuning).
-      linear_probe: freeze the body (only `linear_out` trains).
+
+    Example: fine-tuning with plain SGD, the body (here `linear_in`) at a tenth of the head's rate.
+
+      >>> opt = make_optimizer(OptimizerConfig("sgd", momentum=0.0, body_lr_multiplier=0.1), 0.5)
+      >>> params = {"params": {"linear_in": {"kernel": jnp.ones(2)}, "linear_out": {"kernel": jnp.ones(2)}}}
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, _ = opt.update(grads, opt.init(params), params)
+      >>> [round(float(updates["params"][k]["kernel"][0]), 6) for k in ("linear_in", "linear_out")]
+      [-0.05, -0.5]
     """
-    make = lambda lr: base_optimizer(name, lr, weight_decay, b1=b1, b2=b2, momentum=momentum)
-    if linear_probe:
+    make = lambda lr: base_optimizer(config, lr)
+    multiplier = config.body_lr_multiplier
+    if config.linear_probe:
         opt = optax.multi_transform(
             {"head": make(learning_rate), "body": optax.set_to_zero()}, head_or_body
         )
-    elif body_lr_multiplier != 1.0:
+    elif multiplier != 1.0:
         body_lr = (
-            (lambda s: body_lr_multiplier * learning_rate(s))
+            (lambda s: multiplier * learning_rate(s))
             if callable(learning_rate)
-            else body_lr_multiplier * learning_rate
+            else multiplier * learning_rate
         )
         opt = optax.multi_transform(
             {"head": make(learning_rate), "body": make(body_lr)}, head_or_body
         )
     else:
         opt = make(learning_rate)
-    return optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt
+    return optax.chain(optax.clip_by_global_norm(config.clip), opt) if config.clip > 0 else opt
 
 
 # ------------------------------------------------------------------------------------------------ loss

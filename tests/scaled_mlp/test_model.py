@@ -1,7 +1,9 @@
 """ScaledMLP: the paper's parameter counts, an independent numpy forward pass, init, names, bad input."""
 
 import math
+import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,6 +111,25 @@ def test_bad_images_are_rejected_before_tracing():
         model.apply(params, jnp.zeros((32, 32, 3)))
     with pytest.raises(ValueError, match=r"\(32, 32, 3\)"):
         model.apply(params, jnp.zeros((2, 64, 64, 3)))
+
+
+def test_from_name_names_expected_and_given_image_shape_before_compiling():
+    # No input_shape: the embedding's parameters fix H * W * C, and a wrong image says so in plain words
+    # while tracing (lower), before XLA compiles anything, instead of Flax's ScopeParamShapeError.
+    model = ScaledMLP.from_name("B-2/Wi-16", num_classes=10)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    chex.assert_shape(model.apply(params, jnp.zeros((2, 8, 8, 3))), (2, 10))
+    for wrong in ((2, 16, 16, 3), (2, 8, 8, 1)):
+        given = re.escape(str(wrong[1:]))
+        with pytest.raises(
+            ValueError, match=rf"expect images of shape \(8, 8, 3\).*got images of shape {given}"
+        ):
+            jax.jit(model.apply).lower(params, jnp.zeros(wrong))
+    # A non-square embedding cannot be guessed; the message still names its size and the given shape.
+    model = ScaledMLP.from_name("B_1-Wi_8", num_classes=3)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4, 6, 3)))
+    with pytest.raises(ValueError, match=r"H \* W \* C = 72.*got images of shape \(6, 6, 3\)"):
+        model.apply(params, jnp.zeros((1, 6, 6, 3)))
 
 
 def test_gelu_is_the_exact_erf_form_with_its_gradient():

@@ -1,10 +1,13 @@
 """The recipe's steps: loss, Lion, accumulation, fine-tuning groups, linear probe, TTA, scaling-law fit."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from scipy.special import logsumexp, softmax
+from theorax.inference.scaled_mlp import augment
 from theorax.inference.scaled_mlp import training as lib
 from theorax.inference.scaled_mlp.scaling_law import ScalingLaw, fit_scaling_law, pareto_frontier
 from theorax.models.scaled_mlp import ScaledMLP
@@ -40,7 +43,7 @@ def test_lion_matches_official_update():
     rng = np.random.default_rng(0)
     p, g1, g2 = (rng.normal(size=5) for _ in range(3))
     lr, wd, b1, b2 = 0.1, 0.5, 0.9, 0.99
-    opt = lib.make_optimizer("lion", lr, wd)
+    opt = lib.make_optimizer(lib.OptimizerConfig("lion", weight_decay=wd), lr)
     params = jnp.asarray(p)
     state = opt.init(params)
     # Official: p *= 1 - lr wd; p -= lr sign(b1 m + (1 - b1) g); m = b2 m + (1 - b2) g.
@@ -62,20 +65,18 @@ def run_step(opt, rec, params, x, y, model, **kw):
 
 def test_gradient_accumulation_equals_one_big_batch():
     model, params, x, y = setup(n=16)
-    opt = lib.make_optimizer("sgd", 0.1, momentum=0.0)
+    opt = lib.make_optimizer(lib.OptimizerConfig("sgd", momentum=0.0), 0.1)
     plain = dict(augment=False, mixup_alpha=0.0)
     s1, m1 = run_step(opt, recipe(**plain), params, x, y, model)
     s4, m4 = run_step(opt, recipe(accum_steps=4, **plain), params, x, y, model)
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s1["params"], s4["params"]
-    )
+    chex.assert_trees_all_close(s1["params"], s4["params"], rtol=1e-7, atol=1e-6)
 
 
 def test_finetune_body_learning_rate_multiplier():
     model, params, x, y = setup()
     lr = 0.5
-    opt = lib.make_optimizer("sgd", lr, momentum=0.0, body_lr_multiplier=0.1)
+    opt = lib.make_optimizer(lib.OptimizerConfig("sgd", momentum=0.0, body_lr_multiplier=0.1), lr)
     rec = recipe(augment=False, mixup_alpha=0.0)
     x_in = lib.train_inputs(jax.random.key(0), x, y, rec)[0]
 
@@ -93,7 +94,7 @@ def test_finetune_body_learning_rate_multiplier():
 
 def test_linear_probe_freezes_body():
     model, params, x, y = setup()
-    opt = lib.make_optimizer("lion", 1e-2, linear_probe=True)
+    opt = lib.make_optimizer(lib.OptimizerConfig("lion", linear_probe=True), 1e-2)
     state, _ = run_step(opt, recipe(), params, x, y, model, linear_probe=True)
     for name, value in state["params"]["params"].items():
         changed = any(
@@ -112,7 +113,7 @@ def test_training_learns_a_separable_problem():
     y = jnp.asarray(x.mean((1, 2, 3)) > 127.5, jnp.int32)
     model = ScaledMLP(num_classes=2, depth=2, width=32, input_shape=(RES, RES, 3))
     params = model.init(jax.random.key(0), x[:1])
-    opt = lib.make_optimizer("lion", 3e-3)
+    opt = lib.make_optimizer(lib.OptimizerConfig("lion"), 3e-3)
     rec = recipe(augment=False, mixup_alpha=0.0, label_smoothing=0.0)
     step = lib.make_train_step(model, opt, rec, jax.random.key(0))
     state = {"params": params, "opt_state": opt.init(params)}
@@ -126,12 +127,39 @@ def test_training_learns_a_separable_problem():
 
 
 def test_tta_averages_probabilities_and_masks():
-    model, params, x, y = setup(n=8)
+    model, params, x, y = setup(n=8, classes=10)
     rec = recipe(crop_scale=(0.4, 1.0), crop_ratio=(1.0, 1.0))
     mask = jnp.array([True] * 6 + [False] * 2)
-    sums = lib.make_tta_step(model, rec, 4, jax.random.key(0))(params, x, y, mask)
+    key, crops = jax.random.key(0), 4
+    sums = lib.make_tta_step(model, rec, crops, key)(params, x, y, mask)
     assert float(sums["count"]) == 6
     assert 0 <= float(sums["top1"]) <= float(sums["top5"]) <= 6
+
+    # By hand: the same crops and flips (one key per crop, split into crop and flip keys), each crop's
+    # logits from the plain model, softmax per crop in float64, the probabilities averaged over crops.
+    logits = []
+    for k in jax.random.split(key, crops):
+        k_crop, k_flip = jax.random.split(k)
+        view = augment.random_resized_crop(k_crop, x, RES, rec.crop_scale, rec.crop_ratio)
+        view = augment.normalize(augment.random_flip(k_flip, view), rec.mean, rec.std)
+        logits.append(np.asarray(model.apply(params, view), np.float64))
+    logits = np.stack(logits)
+    chex.assert_shape(logits, (crops, 8, 10))
+    assert np.ptp(logits, axis=0).max() > 0.1  # the crops differ, so how they are combined matters
+    probs = softmax(logits, axis=-1).mean(0)
+    rows, labels, m = np.arange(8), np.asarray(y), np.asarray(mask, np.float64)
+    rank = (probs > probs[rows, labels][:, None]).sum(-1)  # classes scored above the true one
+    expected = {
+        "top1": ((rank == 0) * m).sum(),
+        "top5": ((rank < 5) * m).sum(),
+        "loss": -(np.log(probs[rows, labels]) * m).sum(),
+        "count": m.sum(),
+    }
+    chex.assert_trees_all_close(jax.device_get(sums), expected, rtol=1e-5)
+    # Averaging logits instead (the paper's wording) gives a different loss, so the check can tell.
+    mean_logits = logits.mean(0)
+    log_q = mean_logits - logsumexp(mean_logits, axis=-1, keepdims=True)
+    assert abs(-(log_q[rows, labels] * m).sum() - expected["loss"]) > 1e-3 * expected["loss"]
 
 
 def test_cosine_schedule_is_stepped_per_epoch():
