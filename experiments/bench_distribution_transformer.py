@@ -35,25 +35,31 @@ from theorax.experiments import runtime, timing
 from theorax.inference.distribution_transformer import baselines
 from theorax.inference.distribution_transformer import evaluation as dt_evaluation
 from theorax.inference.distribution_transformer import training as dt_training
-from theorax.models.distribution_transformer import DistributionTransformer
-from theorax.models.distribution_transformer import tasks as dt_tasks
+from theorax.models.distribution_transformer import DistributionTransformer, init_params
 
-flags.DEFINE_string("out", "results/bench", "Directory for distribution_transformer.json.")
-flags.DEFINE_string(
-    "dt_workdir", None, "A trained experiment entry (with config.json and checkpoints)."
-)
-flags.DEFINE_integer(
-    "num_problems", 1000, "Batch size of the latency measurement and the DT scoring."
-)
-flags.DEFINE_integer(
-    "nuts_problems", 20, "Problems NUTS is run on (one per call, then all at once)."
-)
-flags.DEFINE_list(
-    "nuts_draws", ["1000", "4000", "16000"], "The ladder of NUTS draws per chain (ascending)."
-)
-flags.DEFINE_integer("repeats", 50, "Timed repetitions of the transformer's batch.")
-flags.DEFINE_integer("kl_samples", 4000, "Exact posterior draws per problem for the KL estimates.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """The bench's command-line flags (defined only when it runs as a script, so that importing this module
+    beside other experiments defines nothing)."""
+    flags.DEFINE_string("out", "results/bench", "Directory for distribution_transformer.json.")
+    flags.DEFINE_string(
+        "dt_workdir", None, "A trained experiment entry (with config.json and checkpoints)."
+    )
+    flags.DEFINE_integer(
+        "num_problems", 1000, "Batch size of the latency measurement and the DT scoring."
+    )
+    flags.DEFINE_integer(
+        "nuts_problems", 20, "Problems NUTS is run on (one per call, then all at once)."
+    )
+    flags.DEFINE_list(
+        "nuts_draws", ["1000", "4000", "16000"], "The ladder of NUTS draws per chain (ascending)."
+    )
+    flags.DEFINE_integer("repeats", 50, "Timed repetitions of the transformer's batch.")
+    flags.DEFINE_integer(
+        "kl_samples", 4000, "Exact posterior draws per problem for the KL estimates."
+    )
 
 
 def _load_entry(path: str | None, out: str):
@@ -68,78 +74,76 @@ def _load_entry(path: str | None, out: str):
     return c, path
 
 
-def main(argv):
-    del argv
-    os.makedirs(FLAGS.out, exist_ok=True)
-    load = os.getloadavg()
-    c, path = _load_entry(FLAGS.dt_workdir, FLAGS.out)
+def trained_model(dt_workdir: str | None, out: str):
+    """The entry's task, model and config, and its parameters (trained first, resumably, when needed)."""
+    c, path = _load_entry(dt_workdir, out)
     task, model = dtx.build(c)
-    if not isinstance(task, dt_tasks.InverseGammaTask):
+    if c.task not in ("invgamma_wide", "invgamma_narrow"):
         raise app.UsageError(f"--dt_workdir must hold a task (b) entry, got task {c.task!r}")
     wd = runtime.Workdir(path, c)
     params, _ = dtx.train(c, task, model, wd, desc="train (bench model)")
     wd.close()
+    return c, task, model, params
 
-    key = jax.random.key(2024)
-    prob = task.sample(key, FLAGS.num_problems)
-    posterior_fn = dt_training.make_posterior_fn(model)
 
-    # 1. latency: the paper's DT-5 architecture (weights do not change the cost) and the trained model
+def latencies(task, model, params, prob, repeats: int) -> tuple[dict, dict]:
+    """Batch latency of the paper's DT-5 architecture (weights do not change the cost) and of the trained
+    model, both with the experiment's hardware tuning."""
     paper_model = DistributionTransformer(
-        **dt_tasks.model_kwargs(task), num_components=5, d_model=64, num_heads=8, num_layers=6,
-        dim_feedforward=256,
-    )  # fmt: skip
-    paper_params = jax.jit(paper_model.init)(jax.random.key(0), prob.prior, prob.observations)
+        **task.model_kwargs(5), d_model=64, num_heads=8, num_layers=6, dim_feedforward=256
+    )
+    paper_params = init_params(paper_model, jax.random.key(0), prob.prior, prob.observations)
 
-    def latency(fn, params):
+    def latency(m, p):
+        fn = dt_training.make_posterior_fn(m, **dtx.cpu_tuning())
         return timing.time_calls(
-            lambda: jax.block_until_ready(fn(params, prob.prior, prob.observations)), FLAGS.repeats
+            lambda: jax.block_until_ready(fn(p, prob.prior, prob.observations)), repeats
         )
 
-    paper_latency = latency(dt_training.make_posterior_fn(paper_model), paper_params)
-    trained_latency = latency(posterior_fn, params)
+    return latency(paper_model, paper_params), latency(model, params)
 
-    # 2. accuracy and time per problem against NUTS on the same problems
-    q = posterior_fn(params, prob.prior, prob.observations)
-    kl_all = dt_evaluation.monte_carlo_kl(
-        task, prob, q.log_prob, jax.random.key(1), FLAGS.kl_samples
-    )
-    n = FLAGS.nuts_problems
-    sub = dtx.slice_batch(prob, 0, n)
-    dt_per_problem = trained_latency["min_s"] / FLAGS.num_problems
 
-    def expected_kl_on_sub(posterior) -> float:
-        """Mean KL(exact || posterior) over the NUTS problems, one problem per call with its own key, so
-        every method is scored on the same exact draws."""
-        kls = [
-            dt_evaluation.monte_carlo_kl(
-                task, dtx.slice_batch(sub, i, i + 1), posterior[i : i + 1].log_prob,
-                jax.random.fold_in(jax.random.key(4), i), FLAGS.kl_samples,
-            )
-            for i in range(n)
-        ]  # fmt: skip
-        return float(np.concatenate(kls).mean())
+def expected_kl_per_problem(task, problems, posterior, num_samples: int) -> float:
+    """Mean KL(exact || posterior) over `problems`, one problem per call with its own key, so every method is
+    scored on the same exact draws."""
+    n = problems.target.shape[0]
+    kls = [
+        dt_evaluation.monte_carlo_kl(
+            task,
+            dtx.slice_batch(problems, i, i + 1),
+            posterior[i : i + 1].log_prob,
+            jax.random.fold_in(jax.random.key(4), i),
+            num_samples,
+        )
+        for i in range(n)
+    ]
+    return float(np.concatenate(kls).mean())
 
-    kl_dt = expected_kl_on_sub(q)
-    nuts_runs, at_equal_kl = {}, {}
+
+def nuts_ladder(task, sub, kl_dt: float, dt_per_problem: float, draws, num_samples: int):
+    """NUTS one problem per call and all problems in one call, each up a ladder of draws per chain until its KL
+    reaches the transformer's; returns (every run, the time ratio at the transformer's KL per mode)."""
+    n = sub.target.shape[0]
+    model_fn, args, to_y, _ = task.baseline_problem(sub, n)
+    runs, at_equal_kl = {}, {}
     for mode, per_call in (("one problem per call", 1), ("all problems in one call", n)):
-        for num_samples in map(int, FLAGS.nuts_draws):
+        for num in draws:
             samples, nuts_time = baselines.nuts(
-                baselines.inverse_gamma_model,
-                (sub.info["alpha"], sub.info["beta"], sub.observations["z"][..., 0]),
+                model_fn,
+                args,
                 jax.random.key(3),
                 num_warmup=500,
-                num_samples=num_samples,
+                num_samples=num,
                 num_chains=4,
                 problems_per_call=per_call,
             )
-            q_nuts = dtx.silverman_kde(np.moveaxis(np.asarray(samples["var"]), 0, 1)[..., None])
-            kl_nuts = expected_kl_on_sub(q_nuts)
-            run = nuts_runs[f"4x(500+{num_samples}), {mode}"] = {
+            q_nuts = dtx.silverman_kde(to_y(samples))
+            kl_nuts = expected_kl_per_problem(task, sub, q_nuts, num_samples)
+            run = runs[f"4x(500+{num}), {mode}"] = {
                 **nuts_time,
                 "problems": n,
                 "problems_per_call": per_call,
-                "draws_per_problem": 4 * num_samples,
+                "draws_per_problem": 4 * num,
                 "expected_kl": kl_nuts,
                 "dt_expected_kl_same_problems": kl_dt,
                 "time_ratio_nuts_over_dt": nuts_time["per_problem_s"] / dt_per_problem,
@@ -147,10 +151,63 @@ def main(argv):
             at_equal_kl[mode] = {
                 "time_ratio": run["time_ratio_nuts_over_dt"],
                 "reached": kl_nuts <= kl_dt,  # else the ratio is a lower bound
-                "draws_per_chain": num_samples,
+                "draws_per_chain": num,
             }
             if kl_nuts <= kl_dt:
                 break
+    return runs, at_equal_kl
+
+
+def _table(result: dict) -> list[tuple[str, str, str, str]]:
+    paper, trained = result["paper_dt5_architecture_batch_latency"], result["trained_model"]
+    lat, dt_per_problem = trained["batch_latency"], trained["per_problem_s"]
+    rows = [
+        ("DT-5 paper architecture, batch of 1000", f"{1e3 * paper['min_s']:.1f} ms "
+         f"(median {1e3 * paper['median_s']:.1f})", "-", "< 50 ms"),
+        ("trained DT, batch of 1000", f"{1e3 * lat['min_s']:.1f} ms "
+         f"(median {1e3 * lat['median_s']:.1f})", f"{trained['expected_kl']:.5f}", ""),
+        ("trained DT, per problem", f"{1e6 * dt_per_problem:.1f} us", "", ""),
+    ]  # fmt: skip
+    for label, r in result["nuts"]["runs"].items():
+        rows.append(
+            (f"NUTS {label}", f"{1e3 * r['per_problem_s']:.1f} ms / problem",
+             f"{r['expected_kl']:.5f}", "")
+        )  # fmt: skip
+        rows.append(
+            (f"  DT on the same {r['problems']} problems; NUTS/DT time",
+             f"{r['time_ratio_nuts_over_dt']:,.0f}x", f"{r['dt_expected_kl_same_problems']:.5f}", "")
+        )  # fmt: skip
+    for mode, r in result["nuts_over_dt_time_at_equal_kl"].items():
+        rows.append(
+            (f"NUTS/DT time at the DT's KL, {mode}",
+             f"{'' if r['reached'] else '>= '}{r['time_ratio']:,.0f}x", "", ">= 1000x")
+        )  # fmt: skip
+    return rows
+
+
+def main(argv):
+    del argv
+    os.makedirs(FLAGS.out, exist_ok=True)
+    load = os.getloadavg()
+    c, task, model, params = trained_model(FLAGS.dt_workdir, FLAGS.out)
+    prob = task.sample(jax.random.key(2024), FLAGS.num_problems)
+
+    # 1. latency: the paper's DT-5 architecture and the trained model
+    paper_latency, trained_latency = latencies(task, model, params, prob, FLAGS.repeats)
+
+    # 2. accuracy and time per problem against NUTS on the same problems
+    q = dt_training.make_posterior_fn(model, **dtx.cpu_tuning())(
+        params, prob.prior, prob.observations
+    )
+    kl_all = dt_evaluation.monte_carlo_kl(
+        task, prob, q.log_prob, jax.random.key(1), FLAGS.kl_samples
+    )
+    sub = dtx.slice_batch(prob, 0, FLAGS.nuts_problems)
+    dt_per_problem = trained_latency["min_s"] / FLAGS.num_problems
+    kl_dt = expected_kl_per_problem(task, sub, q, FLAGS.kl_samples)
+    nuts_runs, at_equal_kl = nuts_ladder(
+        task, sub, kl_dt, dt_per_problem, list(map(int, FLAGS.nuts_draws)), FLAGS.kl_samples
+    )
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__} on {jax.default_backend()}",
@@ -179,34 +236,14 @@ def main(argv):
     path = os.path.join(FLAGS.out, "distribution_transformer.json")
     with open(path, "w") as f:
         json.dump(runtime._jsonable(result), f, indent=2)
-    rows = [
-        ("DT-5 paper architecture, batch of 1000", f"{1e3 * paper_latency['min_s']:.1f} ms "
-         f"(median {1e3 * paper_latency['median_s']:.1f})", "-", "< 50 ms"),
-        ("trained DT, batch of 1000", f"{1e3 * trained_latency['min_s']:.1f} ms "
-         f"(median {1e3 * trained_latency['median_s']:.1f})", f"{kl_all.mean():.5f}", ""),
-        ("trained DT, per problem", f"{1e6 * dt_per_problem:.1f} us", "", ""),
-    ]  # fmt: skip
-    for label, r in nuts_runs.items():
-        rows.append(
-            (f"NUTS {label}", f"{1e3 * r['per_problem_s']:.1f} ms / problem",
-             f"{r['expected_kl']:.5f}", "")
-        )  # fmt: skip
-        rows.append(
-            (f"  DT on the same {r['problems']} problems; NUTS/DT time",
-             f"{r['time_ratio_nuts_over_dt']:,.0f}x", f"{r['dt_expected_kl_same_problems']:.5f}", "")
-        )  # fmt: skip
-    for mode, r in at_equal_kl.items():
-        rows.append(
-            (f"NUTS/DT time at the DT's KL, {mode}",
-             f"{'' if r['reached'] else '>= '}{r['time_ratio']:,.0f}x", "", ">= 1000x")
-        )  # fmt: skip
     print(f"\nDistribution Transformer bench ({result['machine']}; load {load[0]:.1f} at start)")
     print(f"{'':52s} {'time':>26s} {'expected KL':>12s} {'target':>10s}")
-    for r in rows:
+    for r in _table(result):
         print(f"{r[0]:52s} {r[1]:>26s} {r[2]:>12s} {r[3]:>10s}")
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
+    _define_flags()
     runtime.use_huge_pages()
     app.run(main)

@@ -4,57 +4,56 @@ r"""Distribution Transformers on the paper's tasks, against exact references and
         --config=configs/distribution_transformer.py:cpu --workdir=results/distribution_transformer_cpu
 
 For every entry of `config.tasks` (each in `WORKDIR/<entry>/`, resumable): train a `DistributionTransformer` on
-fresh draws from the task's meta-prior (`inference.dt_training`, through `runtime.train`), then evaluate it on
-`eval.num_problems` unseen problems beside the baselines:
+fresh draws from the task's meta-prior (`inference.distribution_transformer.training`, through `runtime.train`),
+then evaluate it on `eval.num_problems` unseen problems beside the baselines, everything task-specific coming from
+the task (`inference.distribution_transformer.tasks.Task`):
 
 * tasks (a), (b), (d), (e): expected KL(exact || q) (Monte Carlo with exact posterior draws where they exist,
   otherwise the exact-posterior gap at the true latents), NLL of the true latent, and wall time per problem
   after compilation, for the transformer, numpyro NUTS (vectorised chains, scored through a KDE-GMM of its
   samples), SVI with a full-rank Gaussian guide (numpyro) and with a K-component Gaussian-mixture guide
-  (`baselines.svi_gmm`, K = `baselines.svi_gmm_components`, default 4; 0 skips it), and (task (e)) importance
-  sampling from the prior;
-* task (c): filtering NLL of the true state over `filter_steps` steps of `filter_series` series and time per
-  step, for the transformer filter, a bootstrap particle filter and an EKF.
+  (`baselines.svi_gmm`, K = `baselines.svi_gmm_components`, default 4; 0 skips it), and, where the task has
+  one (task (e)), importance sampling from the prior;
+* filtering tasks (c): filtering NLL of the true state over `filter_steps` steps of `filter_series` series and
+  time per step, for the transformer filter, a bootstrap particle filter and an EKF.
 
+The hardware tuning of the transformer's programs is set here, not in the library: `cpu_tuning()`.
 `results.json` holds every number; `report()` writes one table beside the paper's numbers and one plot.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from matplotlib.figure import Figure
 from theorax.experiments import runtime
 from theorax.inference.distribution_transformer import baselines, filters
 from theorax.inference.distribution_transformer import evaluation as dt_evaluation
+from theorax.inference.distribution_transformer import tasks as dt_tasks
 from theorax.inference.distribution_transformer import training as dt_training
 from theorax.models.distribution_transformer import DistributionTransformer
-from theorax.models.distribution_transformer import tasks as dt_tasks
 from theorax.models.gmm import GMM
 
-# The paper's numbers (arXiv v3, Sec. 4; reference notes Sec. 4). Times: seconds for a batch of 1000 problems
-# (inverse gamma) or per filtering step for a batch of 100 series (sensor fusion).
+# The paper's numbers (arXiv v3, Sec. 4; reference notes Sec. 4): (value, time). Times: seconds for a batch of 1000
+# problems (inverse gamma) or per filtering step for a batch of 100 series (sensor fusion).
+_INVGAMMA_TIMES = {"DT-5": 0.016, "DT-2": 0.014, "SVI": 148.0, "ACE-5": 0.037, "TabPFNv2": 1.52}
+_INVGAMMA_KL = {
+    "invgamma_narrow": (0.0004, 0.0044, 0.0425, 0.0094, 0.0112),
+    "invgamma_wide": (0.0003, 0.0058, 0.0558, 0.0048, 0.1513),
+}
 PAPER = {
-    "invgamma_narrow": {
-        "metric": "KL",
-        "DT-5": (0.0004, 0.016),
-        "DT-2": (0.0044, 0.014),
-        "SVI": (0.0425, 148.0),
-        "ACE-5": (0.0094, 0.037),
-        "TabPFNv2": (0.0112, 1.52),
-    },
-    "invgamma_wide": {
-        "metric": "KL",
-        "DT-5": (0.0003, 0.016),
-        "DT-2": (0.0058, 0.014),
-        "SVI": (0.0558, 148.0),
-        "ACE-5": (0.0048, 0.037),
-        "TabPFNv2": (0.1513, 1.52),
+    **{
+        name: {
+            "metric": "KL",
+            **{m: (kl, _INVGAMMA_TIMES[m]) for m, kl in zip(_INVGAMMA_TIMES, kls, strict=True)},
+        }
+        for name, kls in _INVGAMMA_KL.items()
     },
     "sensor_fusion": {
         "metric": "NLL",
@@ -99,7 +98,7 @@ def _check_config(config) -> None:
             0.0 <= fb < 1.0, f"tasks.{name}.train.feedback_fraction={fb} must lie in [0, 1)"
         )
         runtime.check(
-            fb == 0.0 or c.task == "sensor_fusion",
+            fb == 0.0 or dt_tasks.task_class(c.task).filtering,
             f"tasks.{name}.train.feedback_fraction={fb}: self-fed priors need a filtering task "
             f"(sensor_fusion), not {c.task!r}; set it to 0",
         )
@@ -115,11 +114,40 @@ def _check_config(config) -> None:
         )
 
 
+# -------------------------------------------------------------------------------------- hardware tuning
+
+# XLA:CPU's YNNPACK fusions pull a whole post-LN layer of this model (attention core, three LayerNorms, FFN) into
+# one library call, which materialises every broadcast constant at full size and runs the small-token maths slowly.
+# Plain XLA fusions with library dots are faster for this model (DT-5 on 1,000 problems: 34 -> 27 ms; a training
+# step at batch 384: 71 -> 58 ms) but not for the scaled MLPs' large matmuls, so it is set per program, not per
+# process.
+_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def cpu_tuning() -> dict:
+    """The transformer's hardware knobs for this machine, as keyword arguments of `training.make_posterior_fn`:
+    `compiler_options` (the option above, on the CPU backend when this jaxlib knows it; else none) and `slices`
+    (the batch cut into 2 parts inside one program on the CPU, which keeps 2 cores busier; 1 elsewhere).
+    The train step and the filter take the same `compiler_options`."""
+    if jax.default_backend() != "cpu":
+        return {"compiler_options": None, "slices": 1}
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(1.0).compile()
+        options = dict(_CPU_COMPILER_OPTIONS)
+    except Exception:  # an XLA without the option: keep its defaults
+        options = None
+    return {"compiler_options": options, "slices": 2}
+
+
+def compiler_options() -> dict | None:
+    return cpu_tuning()["compiler_options"]
+
+
 def build(c) -> tuple:
     """The task and the model an entry describes."""
     kw = {}
-    factory = dt_tasks.TASKS[c.task]
-    cls = getattr(factory, "__self__", factory)  # a class, or the class of a classmethod preset
+    cls = dt_tasks.task_class(c.task)
     fields = {f.name for f in dataclasses.fields(cls)}
     if "num_components" in fields:
         kw["num_components"] = c.model.num_components
@@ -127,11 +155,9 @@ def build(c) -> tuple:
         runtime.check(k in fields, f"task_kwargs.{k}: {cls.__name__} has no field {k!r}")
         kw[k] = v
     task = dt_tasks.make_task(c.task, **kw)
-    mk = dt_tasks.model_kwargs(task)
-    mk["num_components"] = c.model.num_components
     m = c.model.to_dict()
     model = DistributionTransformer(
-        **mk,
+        **task.model_kwargs(c.model.num_components),
         d_model=m["d_model"],
         num_heads=m["num_heads"],
         num_layers=m["num_layers"],
@@ -180,6 +206,7 @@ def train(c, task, model, wd: runtime.Workdir, desc: str):
         use_prior_loss=t.use_prior_loss,
         batch_sharding=sharding,
         feedback=feedback,
+        compiler_options=compiler_options(),
     )
     start = time.perf_counter()
     state = runtime.train(
@@ -212,6 +239,12 @@ def _stats(values) -> dict:
     return {"mean": float(v.mean()), "sem": sem, "median": float(np.median(v)), "n": int(len(v))}
 
 
+def _add_marginal_stats(out: dict, parts: list[dict]) -> None:
+    """`nll_<part>` statistics of the task's named parts of the latent (e.g. y* and l of task (d))."""
+    for name in parts[0] if parts else ():
+        out[f"nll_{name}"] = _stats(np.concatenate([np.asarray(p[name]) for p in parts]))
+
+
 def score(task, prob, q: GMM, key, n_kl: int, chunk: int) -> dict:
     """KL (Monte Carlo where exact posterior draws exist; the exact-posterior gap otherwise) and NLL of the
     true latent in its own space (with the Jacobian of f), per problem, chunked over problems."""
@@ -220,20 +253,15 @@ def score(task, prob, q: GMM, key, n_kl: int, chunk: int) -> dict:
     B = prob.target.shape[0]
     for i, j in chunks(B, chunk):
         p, qq = slice_batch(prob, i, j), q[i:j]
-        if dt_evaluation.has_exact_sampler(task):
+        if task.has_exact_sampler:
             kl.append(
                 dt_evaluation.monte_carlo_kl(task, p, qq.log_prob, jax.random.fold_in(key, i), n_kl)
             )
         gap.append(dt_evaluation.gap_kl(task, p, qq.log_prob))
         nll.append(-qq.log_prob(p.target) - transform.log_abs_det_jacobian_at(p.target))
-        if isinstance(task, dt_tasks.GPHyperpriorTask):  # predictive (y*) and lengthscale NLLs
-            y_nll = -qq.marginal(0).log_prob(p.target[..., :1])
-            l_nll = -qq.marginal(1).log_prob(p.target[..., 1:]) + p.target[..., 1]
-            marg.append(np.stack([y_nll, l_nll], -1))
+        marg.append(task.marginal_nlls(qq, p.target))
     out = {"gap_kl": _stats(np.concatenate(gap)), "nll": _stats(np.concatenate(nll))}
-    if marg:
-        marg = np.concatenate(marg)
-        out["nll_y_star"], out["nll_lengthscale"] = _stats(marg[:, 0]), _stats(marg[:, 1])
+    _add_marginal_stats(out, [m for m in marg if m])
     out["kl"] = _stats(np.concatenate(kl)) if kl else out["gap_kl"]
     out["kl_estimator"] = "monte_carlo" if kl else "gap"
     return out
@@ -244,206 +272,169 @@ def reference_nll(task, prob, chunk: int) -> dict:
     out, marg = [], []
     for i, j in chunks(prob.target.shape[0], chunk):
         p = slice_batch(prob, i, j)
-        lp = dt_evaluation.reference_log_prob(task, p, p.target)
+        lp = task.reference_log_prob(p, p.target)
         out.append(-lp - task.transform.log_abs_det_jacobian_at(p.target))
-        if isinstance(task, dt_tasks.GPHyperpriorTask):
-            lpy, lpu = dt_evaluation.gp_reference_marginals(task, p, p.target)
-            marg.append(np.stack([-lpy, -lpu + p.target[..., 1]], -1))
+        marg.append(task.reference_marginal_nlls(p, p.target))
     res = _stats(np.concatenate(out))
-    if marg:
-        marg = np.concatenate(marg)
-        res["nll_y_star"], res["nll_lengthscale"] = _stats(marg[:, 0]), _stats(marg[:, 1])
+    _add_marginal_stats(res, [m for m in marg if m])
     return res
 
 
-def _numpyro_problem(task, prob, n: int):
-    """(numpyro model, per-problem args, map from samples to the sample space [S, P, d], SVI site order)."""
-    p = slice_batch(prob, 0, n)
+def _timed_posteriors(posterior_fn, params, prob, repeats: int) -> tuple[GMM, dict]:
+    """The transformer's posteriors for a batch, and its wall times: the first call (with compilation), then
+    `repeats` timed calls."""
+    start = time.perf_counter()
+    q = jax.block_until_ready(posterior_fn(params, prob.prior, prob.observations))
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(posterior_fn(params, prob.prior, prob.observations))
+        times.append(time.perf_counter() - start)
+    n = prob.target.shape[0]
+    timing = dict(
+        batch_s_min=min(times),
+        batch_s_median=float(np.median(times)),
+        per_problem_s=min(times) / n,
+        compile_s=compile_s,
+        num_problems=n,
+    )
+    return q, timing
 
-    def rep(x):
-        return jnp.broadcast_to(jnp.asarray(x), (n, *jnp.shape(x)))
 
-    if isinstance(task, dt_tasks.GMMLinearGaussianTask):
-        args = (p.prior.logits, p.prior.means, p.prior.scale_tril, rep(task.H), rep(task.R))
-        args = args + (p.observations["z"],)
-        return baselines.gmm_linear_model, args, lambda s: jnp.moveaxis(s["x"], 0, 1), None
-    if isinstance(task, dt_tasks.InverseGammaTask):
-        args = (p.info["alpha"], p.info["beta"], p.observations["z"][..., 0])
-        return (
-            baselines.inverse_gamma_model,
-            args,
-            lambda s: jnp.moveaxis(s["var"], 0, 1)[..., None],
-            None,
+def _extra_problem_sets(task, posterior_fn, params, e, key, first_kl: dict) -> dict:
+    """The transformer's expected KL on `e.extra_problem_sets` more independent sets, pooled with the first."""
+    means, sems = [first_kl["mean"]], [first_kl["sem"]]
+    for s in range(1, e.extra_problem_sets + 1):
+        extra = task.sample(jax.random.fold_in(key, 100 + s), e.num_problems)
+        q_extra = posterior_fn(params, extra.prior, extra.observations)
+        kl = score(
+            task, extra, q_extra, jax.random.fold_in(key, 200 + s), e.num_kl_samples, e.chunk
         )
-    if isinstance(task, dt_tasks.GPHyperpriorTask):
-        i = p.info
-        args = (i["x"], i["y"], i["x_star"], i["m"], i["s"], rep(task.noise_var))
-        args = args + (rep(task.ls_shape), rep(task.ls_rate))
-
-        def to_y(s):
-            return jnp.moveaxis(jnp.stack([s["y_star"], s["ls"]], -1), 0, 1)
-
-        return baselines.gp_hyperprior_model, args, to_y, (1, 0)  # guide order (ls, y_star)
-    if isinstance(task, dt_tasks.QuantumTask):
-        grid, pg = dt_evaluation.quantum_success_grid(task)
-        args = (p.info["c1"], p.info["c0"], p.info["z"], rep(grid), rep(pg))
-        return (
-            baselines.quantum_model,
-            args,
-            lambda s: jnp.moveaxis(s["delta"], 0, 1)[..., None],
-            None,
-        )
-    raise ValueError(task)
+        means.append(kl["kl"]["mean"])
+        sems.append(kl["kl"]["sem"])
+    return {
+        "problems_per_set": e.num_problems,
+        "set_means": means,
+        "mean": float(np.mean(means)),
+        "sem": float(np.sqrt(np.sum(np.square(sems))) / len(means)),
+    }
 
 
 def silverman_kde(samples) -> GMM:
     """KDE-GMM of equally weighted samples with Silverman's bandwidth h = 1.06 N^{-1/5} applied to the standard
     deviation (kernel covariance h^2 (Cov + 1e-3 I))."""
-    q = baselines.kde_gmm(samples)
-    n = samples.shape[0]
-    return GMM(q.logits, q.means, q.scale_tril * math.sqrt(1.06 * n ** (-0.2)))
+    return dt_evaluation.kde_gmm(samples, bandwidth="std")
 
 
-def _in_sample_order(q: GMM, order) -> GMM:
-    """An SVI guide over numpyro's site order, with its dimensions put in the task's sample order."""
-    return q if order is None else q.marginal(order)
+def _nuts_baseline(task, prob, q, c, key) -> dict:
+    """NUTS (vectorised chains) on the first `nuts_problems` problems, scored through a Silverman KDE-GMM; and
+    the transformer's KL on the same problems."""
+    e, b = c.eval, c.baselines
+    model_fn, args, to_y, _ = task.baseline_problem(prob, b.nuts_problems)
+    chains = dict(num_warmup=b.nuts_warmup, num_samples=b.nuts_samples, num_chains=b.nuts_chains)
+    samples, timing = baselines.nuts(model_fn, args, jax.random.fold_in(key, 2), **chains)
+    ys = to_y(samples)
+    sub = slice_batch(prob, 0, b.nuts_problems)
+    k_score = jax.random.fold_in(key, 3)
+    nuts = score(task, sub, silverman_kde(ys), k_score, min(e.num_kl_samples, 2000), 5)
+    nuts.update(timing, num_problems=b.nuts_problems, samples=int(ys.shape[0]))
+    dt_sub = score(task, sub, q[: b.nuts_problems], k_score, e.num_kl_samples, e.chunk)
+    return {"methods": {"NUTS": nuts}, "dt_on_nuts_problems": dt_sub["kl"]}
+
+
+def _svi_baselines(task, prob, c, key) -> dict:
+    """SVI with a full-rank Gaussian guide and (unless `svi_gmm_components` is 0) with a Gaussian-mixture guide,
+    on the first `svi_problems` problems; same steps and step size, about the same log-joint evaluations per
+    step."""
+    e, b = c.eval, c.baselines
+    kb = jax.random.fold_in(key, 2)
+    model_fn, args, _, order = task.baseline_problem(prob, b.svi_problems)
+    sub = slice_batch(prob, 0, b.svi_problems)
+
+    def scored(q: GMM, timing: dict) -> dict:
+        q = q if order is None else q.marginal(order)  # guide dims in the task's sample order
+        res = score(task, sub, q, jax.random.fold_in(key, 4), e.num_kl_samples, e.chunk)
+        return {**res, **timing, "num_problems": b.svi_problems}
+
+    steps = dict(num_steps=b.svi_steps, learning_rate=b.svi_learning_rate)
+    loc, tril, timing = baselines.svi_gaussian(
+        model_fn, args, jax.random.fold_in(kb, 1), num_particles=b.svi_particles, **steps
+    )
+    methods = {"SVI (full-rank Gaussian)": scored(GMM.gaussian(loc, tril), timing)}
+    k_gmm = b.get("svi_gmm_components", SVI_GMM_COMPONENTS)
+    if k_gmm > 0:
+        guide = baselines.MixtureGuide(num_components=k_gmm)
+        # about the full-rank guide's log-joint evaluations per step
+        particles = -(-b.svi_particles // k_gmm)
+        q_mix, timing = baselines.svi_gmm(
+            model_fn, args, jax.random.fold_in(kb, 4), guide=guide, num_particles=particles, **steps
+        )
+        methods[f"SVI (GMM guide, K={k_gmm})"] = scored(q_mix, timing)
+    return methods
+
+
+def _importance_sampling_baseline(task, prob, c, key) -> dict:
+    """Self-normalised importance sampling from the prior on the first problems (tasks that offer it), scored
+    through a Silverman KDE-GMM of the weighted draws; {} for other tasks."""
+    e, b = c.eval, c.baselines
+    n = min(b.nuts_problems or 20, e.num_problems)
+    sub = slice_batch(prob, 0, n)
+    proposal = task.importance_proposal(sub)
+    if proposal is None:
+        return {}
+    kb = jax.random.fold_in(key, 2)
+    run_is = jax.jit(lambda k: baselines.importance_sampling(k, *proposal, b.is_samples))
+    jax.block_until_ready(run_is(jax.random.fold_in(kb, 2)))
+    start = time.perf_counter()
+    ys, logw = jax.block_until_ready(run_is(jax.random.fold_in(kb, 3)))
+    is_s = time.perf_counter() - start
+    q_is = dt_evaluation.kde_gmm(ys, logw, bandwidth="std")
+    imp = score(task, sub, q_is, jax.random.fold_in(key, 5), 0, 2)
+    imp.update(per_problem_s=is_s / n, num_problems=n, samples=b.is_samples)
+    return {"importance sampling": imp}
 
 
 def evaluate_static(name, c, task, model, params, key) -> dict:
     """Transformer and baselines on `eval.num_problems` unseen problems of a static task."""
     e, b = c.eval, c.baselines
     prob = task.sample(jax.random.fold_in(key, 0), e.num_problems)
-    posterior_fn = dt_training.make_posterior_fn(model)
-    start = time.perf_counter()
-    q = jax.block_until_ready(posterior_fn(params, prob.prior, prob.observations))
-    compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(e.latency_repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(posterior_fn(params, prob.prior, prob.observations))
-        times.append(time.perf_counter() - start)
-    res = {"methods": {}, "num_problems": e.num_problems}
+    posterior_fn = dt_training.make_posterior_fn(model, **cpu_tuning())
+    q, timing = _timed_posteriors(posterior_fn, params, prob, e.latency_repeats)
     dt = score(task, prob, q, jax.random.fold_in(key, 1), e.num_kl_samples, e.chunk)
-    dt.update(
-        batch_s_min=min(times),
-        batch_s_median=float(np.median(times)),
-        per_problem_s=min(times) / e.num_problems,
-        compile_s=compile_s,
-        num_problems=e.num_problems,
-    )
-    res["methods"][f"DT-{c.model.num_components}"] = dt
+    res = {"methods": {f"DT-{c.model.num_components}": {**dt, **timing}}}
+    res["num_problems"] = e.num_problems
     if e.get("extra_problem_sets", 0) > 0:
-        means, sems = [dt["kl"]["mean"]], [dt["kl"]["sem"]]
-        for s in range(1, e.extra_problem_sets + 1):
-            extra = task.sample(jax.random.fold_in(key, 100 + s), e.num_problems)
-            q_extra = posterior_fn(params, extra.prior, extra.observations)
-            kl = score(
-                task, extra, q_extra, jax.random.fold_in(key, 200 + s), e.num_kl_samples, e.chunk
-            )
-            means.append(kl["kl"]["mean"])
-            sems.append(kl["kl"]["sem"])
-        res["dt_problem_sets"] = {
-            "problems_per_set": e.num_problems,
-            "set_means": means,
-            "mean": float(np.mean(means)),
-            "sem": float(np.sqrt(np.sum(np.square(sems))) / len(means)),
-        }
-    if not isinstance(task, dt_tasks.SensorFusionTask):
-        try:
-            res["reference_nll"] = reference_nll(task, prob, e.chunk)
-        except ValueError:
-            pass
-    if isinstance(task, dt_tasks.GMMLinearGaussianTask):
+        res["dt_problem_sets"] = _extra_problem_sets(task, posterior_fn, params, e, key, dt["kl"])
+    try:
+        res["reference_nll"] = reference_nll(task, prob, e.chunk)
+    except ValueError:  # a task without a reference density
+        pass
+    if isinstance(prob.prior, GMM):  # a GMM prior is itself a posterior to score: no update
         prior_kl = score(
             task, prob, prob.prior, jax.random.fold_in(key, 1), e.num_kl_samples, e.chunk
         )
         res["methods"]["prior (no update)"] = {**prior_kl, "per_problem_s": 0.0}
-    kb = jax.random.fold_in(key, 2)
-    if b.nuts_problems > 0:
-        model_fn, args, to_y, _ = _numpyro_problem(task, prob, b.nuts_problems)
-        samples, timing = baselines.nuts(
-            model_fn,
-            args,
-            kb,
-            num_warmup=b.nuts_warmup,
-            num_samples=b.nuts_samples,
-            num_chains=b.nuts_chains,
-        )
-        ys = to_y(samples)
-        q_nuts = silverman_kde(ys)
-        sub = slice_batch(prob, 0, b.nuts_problems)
-        nuts = score(task, sub, q_nuts, jax.random.fold_in(key, 3), min(e.num_kl_samples, 2000), 5)
-        nuts.update(timing, num_problems=b.nuts_problems, samples=int(ys.shape[0]))
-        res["methods"]["NUTS"] = nuts
-        dt_sub = score(
-            task, sub, q[: b.nuts_problems], jax.random.fold_in(key, 3), e.num_kl_samples, e.chunk
-        )
-        res["dt_on_nuts_problems"] = dt_sub["kl"]
-    if b.svi_problems > 0:
-        model_fn, args, _, order = _numpyro_problem(task, prob, b.svi_problems)
-        loc, tril, timing = baselines.svi_gaussian(
-            model_fn,
-            args,
-            jax.random.fold_in(kb, 1),
-            num_steps=b.svi_steps,
-            learning_rate=b.svi_learning_rate,
-            num_particles=b.svi_particles,
-        )
-        q_svi = _in_sample_order(GMM.gaussian(loc, tril), order)
-        sub = slice_batch(prob, 0, b.svi_problems)
-        svi = score(task, sub, q_svi, jax.random.fold_in(key, 4), e.num_kl_samples, e.chunk)
-        svi.update(timing, num_problems=b.svi_problems)
-        res["methods"]["SVI (full-rank Gaussian)"] = svi
-        k_gmm = b.get("svi_gmm_components", SVI_GMM_COMPONENTS)
-        if k_gmm > 0:  # same steps and step size; about the same log-joint evaluations per step
-            q_mix, timing = baselines.svi_gmm(
-                model_fn,
-                args,
-                jax.random.fold_in(kb, 4),
-                num_steps=b.svi_steps,
-                num_components=k_gmm,
-                learning_rate=b.svi_learning_rate,
-                num_particles=-(-b.svi_particles // k_gmm),
-            )
-            q_mix = _in_sample_order(q_mix, order)
-            mix = score(task, sub, q_mix, jax.random.fold_in(key, 4), e.num_kl_samples, e.chunk)
-            mix.update(timing, num_problems=b.svi_problems)
-            res["methods"][f"SVI (GMM guide, K={k_gmm})"] = mix
-    if isinstance(task, dt_tasks.QuantumTask) and b.is_samples > 0:
-        n = min(b.nuts_problems or 20, e.num_problems)
-        sub = slice_batch(prob, 0, n)
-        c1, c0, z = sub.info["c1"], sub.info["c0"], sub.info["z"]
-
-        def run_is(key):
-            k1, k2 = jax.random.split(key)
-            u = jax.random.loggamma(k1, c1, (b.is_samples, n)) - jax.random.loggamma(
-                k2, c0, (b.is_samples, n)
-            )
-            return u[..., None], dt_evaluation.quantum_log_likelihood(task, u, z)
-
-        run_is = jax.jit(run_is)
-        jax.block_until_ready(run_is(jax.random.fold_in(kb, 2)))
-        start = time.perf_counter()
-        ys, logw = jax.block_until_ready(run_is(jax.random.fold_in(kb, 3)))
-        is_s = time.perf_counter() - start
-        q_is = baselines.kde_gmm(ys, logw)
-        q_is = GMM(
-            q_is.logits, q_is.means, q_is.scale_tril * math.sqrt(1.06 * b.is_samples ** (-0.2))
-        )
-        imp = score(task, sub, q_is, jax.random.fold_in(key, 5), 0, 2)
-        imp.update(per_problem_s=is_s / n, num_problems=n, samples=b.is_samples)
-        res["methods"]["importance sampling"] = imp
+    if b.nuts_problems > 0 and task.baseline_problem(prob, 1) is not None:
+        nuts = _nuts_baseline(task, prob, q, c, key)
+        res["methods"].update(nuts["methods"])
+        res["dt_on_nuts_problems"] = nuts["dt_on_nuts_problems"]
+    if b.svi_problems > 0 and task.baseline_problem(prob, 1) is not None:
+        res["methods"].update(_svi_baselines(task, prob, c, key))
+    if b.is_samples > 0:
+        res["methods"].update(_importance_sampling_baseline(task, prob, c, key))
     return res
 
 
 def evaluate_filtering(name, c, task, model, params, key) -> dict:
-    """The transformer filter, a bootstrap PF and an EKF on simulated series of the LTI sensor-fusion model."""
+    """The transformer filter, a bootstrap PF and an EKF on simulated series of a filtering task's LTI model."""
     b = c.baselines
     states, obs = task.simulate(jax.random.fold_in(key, 0), b.filter_series, b.filter_steps)
-    posterior_fn = lambda p, prior, o: model.apply(p, prior, o)  # noqa: E731
+    k = c.model.num_components
     runs = {
-        f"DT-{c.model.num_components}": dt_training.jit(
-            lambda s, o: filters.dt_filter(posterior_fn, params, task, s, o, c.model.num_components)
+        f"DT-{k}": jax.jit(
+            lambda s, o: filters.dt_filter(model.apply, params, task, s, o, k),
+            compiler_options=compiler_options(),
         ),
         "EKF": jax.jit(lambda s, o: filters.extended_kalman_filter(task, s, o)),
     }
@@ -479,7 +470,7 @@ def run_entry(name: str, c, path: str) -> dict:
     params, train_s = train(c, task, model, wd, desc=f"train {name}")
     metrics = wd.read_metrics()
     key = jax.random.key(10_000 + c.seed)
-    if isinstance(task, dt_tasks.SensorFusionTask):
+    if task.filtering:
         res = evaluate_filtering(name, c, task, model, params, key)
     else:
         res = evaluate_static(name, c, task, model, params, key)
@@ -514,13 +505,9 @@ def run(config, workdir: str) -> dict:
 
 
 def _plot(results: dict, wd: runtime.Workdir) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = results["tasks"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(tasks), 3.6))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, (name, r) in zip(axes[0], tasks.items(), strict=True):
         if "steps" in r:  # filtering
             for label, m in r["methods"].items():
@@ -549,7 +536,8 @@ def _plot(results: dict, wd: runtime.Workdir) -> None:
             ax.set_ylabel("expected KL(exact || q)")
         ax.set_title(name)
         ax.legend(fontsize=7)
-    wd.savefig(fig, "distribution_transformer.png")
+    if wd.is_main:
+        fig.savefig(wd.file("distribution_transformer.png"), dpi=150, bbox_inches="tight")
 
 
 def _fmt(x, digits=4) -> str:

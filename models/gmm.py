@@ -10,14 +10,14 @@ with density q(x) = sum_j w_j N(x; mu_j, L_j L_j^T) (Distribution Transformers, 
 reference notes Sec. 2). Weights are kept as logits so that every operation is done in log space and a GMM with
 finite logits always has weights that sum to one.
 
-Also here: moments, marginals, sampling, Monte Carlo KL estimates, the conversion to a numpyro
-`MixtureSameFamily`, and sample-space transforms (log, logit) with their Jacobians, for latents that live on
-(0, inf) or (0, 1) while the mixture lives on the real line (the paper's f; reference notes Sec. 2, "Optional
-sample-space transform").
+Also here: moments, marginals, sampling, the Gaussian log-density by triangular solve (`mvn_log_prob_tril`),
+Monte Carlo KL estimates, the conversion to a numpyro `MixtureSameFamily`, and sample-space transforms (log,
+logit) with their Jacobians, for latents that live on (0, inf) or (0, 1) while the mixture lives on the real line
+(the paper's f; reference notes Sec. 2, "Optional sample-space transform").
 
-Validation (`validate_gmm`, `GMM.from_weights`, `GMM.from_covariance`) is plain Python on concrete values: shapes
-are always checked; values are checked whenever they are concrete (not traced), so bad input is caught before
-anything compiles.
+Validation (`validate_gmm`, `GMM.from_weights`, `GMM.from_covariance`, `GMM.from_stddevs`) is plain Python on
+concrete values: shapes are always checked; values are checked whenever they are concrete (not traced), so bad
+input is caught before anything compiles.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ class GMM:
       scale_tril: `[..., k, d, d]` lower-triangular Cholesky factors with positive diagonals.
 
     Example:
-      >>> gmm = GMM.from_weights(jnp.array([0.3, 0.7]), jnp.zeros((2, 1)), jnp.ones((2, 1, 1)))
-      >>> gmm.log_prob(jnp.zeros(1))  # log N(0; 0, 1)
+      >>> gmm = GMM.from_stddevs(jnp.log(jnp.array([0.3, 0.7])), jnp.zeros((2, 1)), jnp.ones((2, 1)))
+      >>> round(float(gmm.log_prob(jnp.zeros(1))), 4)  # log N(0; 0, 1) = -log(2 pi) / 2
+      -0.9189
     """
 
     logits: jax.Array
@@ -114,6 +115,36 @@ class GMM:
         return gmm
 
     @classmethod
+    def from_stddevs(cls, logits, means, stddevs, *, validate: bool = True) -> GMM:
+        """Builds a GMM with diagonal covariances from per-dimension standard deviations `[..., k, d]`.
+
+        Component j is N(mu_j, diag(stddevs_j^2)), i.e. `scale_tril = diag(stddevs_j)`: the one-dimensional
+        and axis-aligned mixtures need no hand-built Cholesky arrays. Pass `jnp.log(weights)` for weights.
+        Concrete standard deviations are checked to have the means' shape and to be finite and positive.
+
+        Example:
+          >>> gmm = GMM.from_stddevs(jnp.zeros(2), jnp.array([[-1.0], [1.0]]), jnp.array([[0.5], [2.0]]))
+          >>> gmm.covariances[:, 0, 0].tolist()
+          [0.25, 4.0]
+        """
+        stddevs, means = jnp.asarray(stddevs), jnp.asarray(means)
+        if validate and stddevs.shape != means.shape:
+            raise GMMError(
+                f"stddevs have shape {stddevs.shape} but means {means.shape}; both are [..., k, d]"
+            )
+        if validate and is_concrete(stddevs):
+            s = np.asarray(stddevs, dtype=np.float64)
+            if not np.all(np.isfinite(s)) or np.any(s <= 0):
+                raise GMMError(
+                    f"stddevs must be finite and strictly positive; smallest {np.nanmin(s):.3g}"
+                )
+        tril = stddevs[..., None] * jnp.eye(stddevs.shape[-1], dtype=stddevs.dtype)
+        gmm = cls(jnp.asarray(logits), means, tril)
+        if validate:
+            validate_gmm(gmm)
+        return gmm
+
+    @classmethod
     def gaussian(cls, mean, scale_tril) -> GMM:
         """A single Gaussian N(mean, L L^T) as a one-component GMM; `mean` is `[..., d]`."""
         mean, scale_tril = jnp.asarray(mean), jnp.asarray(scale_tril)
@@ -158,15 +189,13 @@ class GMM:
     def component_log_prob(self, x: jax.Array) -> jax.Array:
         """log N(x; mu_j, Sigma_j) for every component: `x` `[..., d]` -> `[..., k]`.
 
-        Uses the triangular solve `L_j^{-1}(x - mu_j)`; leading dims of `x` broadcast against the batch.
+        Uses the triangular solve `L_j^{-1}(x - mu_j)` (`mvn_log_prob_tril`); leading dims of `x` broadcast
+        against the batch.
         """
         diff = x[..., None, :] - self.means  # [..., k, d]
         shape = jnp.broadcast_shapes(diff.shape, self.means.shape)
         diff = jnp.broadcast_to(diff, shape)
-        tril = jnp.broadcast_to(self.scale_tril, shape + (self.dim,))
-        white = solve_triangular(tril, diff[..., None], lower=True)[..., 0]
-        half_log_det = jnp.sum(jnp.log(jnp.diagonal(tril, axis1=-2, axis2=-1)), -1)
-        return -0.5 * jnp.sum(white**2, -1) - half_log_det - 0.5 * self.dim * _LOG_2PI
+        return mvn_log_prob_tril(diff, jnp.broadcast_to(self.scale_tril, shape + (self.dim,)))
 
     def log_prob(self, x: jax.Array) -> jax.Array:
         """log q(x) = logsumexp_j(log w_j + log N(x; mu_j, Sigma_j)); `x` `[..., d]` -> `[...]`."""
@@ -233,6 +262,15 @@ class GMM:
             dist.Categorical(logits=self.logits),
             dist.MultivariateNormal(self.means, scale_tril=self.scale_tril),
         )
+
+
+def mvn_log_prob_tril(diff: jax.Array, scale_tril: jax.Array) -> jax.Array:
+    """log N(diff; 0, L L^T) for lower Cholesky factors L, `diff` `[..., d]` and `scale_tril` `[..., d, d]` of
+    the same leading shape -> `[...]`: -|L^{-1} diff|^2 / 2 - sum_i log L_ii - d log(2 pi) / 2, by triangular solve.
+    """
+    white = solve_triangular(scale_tril, diff[..., None], lower=True)[..., 0]
+    half_log_det = jnp.sum(jnp.log(jnp.diagonal(scale_tril, axis1=-2, axis2=-1)), -1)
+    return -0.5 * jnp.sum(white**2, -1) - half_log_det - 0.5 * diff.shape[-1] * _LOG_2PI
 
 
 def validate_gmm(gmm: GMM, *, name: str = "GMM") -> None:
@@ -302,16 +340,6 @@ def kl_monte_carlo(key: jax.Array, p_sample_fn, p_log_prob_fn, q_log_prob_fn, n:
 def kl_gmm(key: jax.Array, p: GMM, q: GMM, n: int = 10_000) -> jax.Array:
     """Monte Carlo KL(p || q) between two (batched) GMMs in the same space, `[*batch_shape]`."""
     return kl_monte_carlo(key, p.sample, p.log_prob, q.log_prob, n)
-
-
-def expected_kl_gap(q_log_prob: jax.Array, p_log_prob: jax.Array) -> jax.Array:
-    """The exact-posterior gap, E_{x,z}[log p(x|z) - log q(x|z)], over training-style triples.
-
-    With x drawn from the joint (so x | z ~ p(x|z)), the average gap is an unbiased estimate of the expected
-    KL E_z KL(p(.|z) || q(.|z)) (reference notes Sec. 5(c); Prop. 3.1 of the paper). Both arguments are the
-    log densities at the true latents, `[batch]`; returns a scalar.
-    """
-    return jnp.mean(p_log_prob - q_log_prob)
 
 
 # -------------------------------------------------------------------------------- sample-space transforms

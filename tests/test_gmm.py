@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 from theorax.models.gmm import GMM, GMMError, SampleSpaceTransform, kl_gmm, validate_gmm
 
 
@@ -77,7 +78,46 @@ def test_kl_between_gaussians_matches_closed_form():
     q = GMM.gaussian(jnp.array([m2]), jnp.array([[s2]]))
     exact = np.log(s2 / s1) + (s1**2 + (m1 - m2) ** 2) / (2 * s2**2) - 0.5
     np.testing.assert_allclose(kl_gmm(jax.random.key(6), p, q, 400_000), exact, atol=5e-3)
-    assert abs(float(kl_gmm(jax.random.key(7), p, p, 1000))) < 1e-6
+
+
+def test_kl_between_mixtures_matches_grid_quadrature():
+    """KL(p || q) of two bimodal 1-D mixtures (no closed form) against the grid integral of p log(p / q) with
+    scipy's normal density; also KL(q || p), which differs (KL is not symmetric)."""
+    p = GMM.from_stddevs(
+        jnp.log(jnp.array([0.3, 0.7])), jnp.array([[-2.0], [1.0]]), jnp.array([[0.5], [1.0]])
+    )
+    q = GMM.from_stddevs(
+        jnp.log(jnp.array([0.6, 0.4])), jnp.array([[-1.0], [2.0]]), jnp.array([[1.2], [0.7]])
+    )
+    g = np.linspace(-15, 15, 200_001)
+
+    def density(w, m, s):
+        return sum(wi * scipy.stats.norm.pdf(g, mi, si) for wi, mi, si in zip(w, m, s, strict=True))
+
+    dp = density([0.3, 0.7], [-2.0, 1.0], [0.5, 1.0])
+    dq = density([0.6, 0.4], [-1.0, 2.0], [1.2, 0.7])
+    kl_pq, kl_qp = (np.trapezoid(a * np.log(a / b), g) for a, b in ((dp, dq), (dq, dp)))
+    assert abs(kl_pq - kl_qp) > 0.03
+    np.testing.assert_allclose(kl_gmm(jax.random.key(7), p, q, 400_000), kl_pq, atol=5e-3)
+    np.testing.assert_allclose(kl_gmm(jax.random.key(8), q, p, 400_000), kl_qp, atol=5e-3)
+
+
+def test_from_stddevs_equals_from_covariance_of_the_squared_scales():
+    key = jax.random.split(jax.random.key(9), 3)
+    logits = jax.random.normal(key[0], (4, 3))
+    means = jax.random.normal(key[1], (4, 3, 2))
+    stddevs = jnp.exp(jax.random.normal(key[2], (4, 3, 2)))
+    diag = GMM.from_stddevs(logits, means, stddevs)
+    full = GMM.from_covariance(logits, means, jax.vmap(jax.vmap(jnp.diag))(stddevs**2))
+    np.testing.assert_allclose(diag.scale_tril, full.scale_tril, rtol=1e-5, atol=1e-6)
+    x = 2.0 * jax.random.normal(jax.random.key(10), (5, 4, 2))
+    np.testing.assert_allclose(diag.log_prob(x), full.log_prob(x), rtol=1e-5, atol=1e-5)
+    one_d = GMM.from_stddevs(jnp.zeros(2), jnp.array([[0.0], [1.0]]), jnp.array([[2.0], [0.5]]))
+    np.testing.assert_allclose(one_d.covariances[:, 0, 0], [4.0, 0.25])
+    with pytest.raises(GMMError, match="strictly positive"):
+        GMM.from_stddevs(jnp.zeros(2), jnp.zeros((2, 1)), jnp.array([[1.0], [0.0]]))
+    with pytest.raises(GMMError, match="stddevs have shape"):
+        GMM.from_stddevs(jnp.zeros(2), jnp.zeros((2, 2)), jnp.ones((2, 1)))
 
 
 @pytest.mark.parametrize("kind,lo,hi", [("log", 1e-6, 60.0), ("logit", 1e-7, 1 - 1e-7)])

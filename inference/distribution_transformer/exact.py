@@ -7,10 +7,15 @@
 * `inverse_gamma_posterior`: sigma^2 ~ IG(alpha, beta), z_i ~ N(mu, sigma^2) gives IG(alpha + n/2,
   beta + sum (z_i - mu)^2 / 2); `inverse_gamma_log_prob_log_space` is its density on y = log sigma^2 (task (b),
   paper Sec. 4.1).
-* `gp_hyperprior_posterior`: a GP with a lengthscale hyperprior; the posterior over (y*, log lengthscale) given
-  data is a Gaussian in y* for each lengthscale times a 1-D posterior over the lengthscale that is normalised by
-  quadrature (reference notes Sec. 5(d); paper Sec. 4.2.1).
+* `gp_hyperprior_log_posterior`, `gp_hyperprior_log_marginals`: a GP with a lengthscale hyperprior; the
+  posterior over (y*, log lengthscale) given data (`GPData`, `GPHyperprior`) is a Gaussian in y* for each
+  lengthscale times a 1-D posterior over the lengthscale that is normalised by quadrature (reference notes
+  Sec. 5(d); paper Sec. 4.2.1).
+* `grid_bernoulli_log_posterior`: u = logit delta with delta ~ Beta(c1, c0) and binary measurements whose success
+  probabilities are tabulated on a grid of u (task (e), the quantum reference; paper Sec. 4.2.2).
 * `log_normalizer_1d`: the quadrature used for any 1-D latent (the GP lengthscale, the quantum delta).
+* `LinearGaussianDynamics`: the LTI motion model x_{t+1} = A x_t + F eps of the filtering task, with its exact
+  predict step for GMMs (paper Sec. 4.3).
 
 Everything here is float32 unless called inside a `jax.enable_x64(True)` scope with float64 inputs,
 which the tests and the reference evaluations do.
@@ -18,25 +23,20 @@ which the tests and the reference evaluations do.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import cho_solve, solve_triangular
-from jax.scipy.special import gammaln, logsumexp
-from theorax.models.gmm import GMM, GMMError, validate_gmm
+from jax.scipy.special import betaln, gammaln, logsumexp
+from theorax.models.gmm import GMM, GMMError, mvn_log_prob_tril, validate_gmm
 from theorax.models.validation import is_concrete
 
 _LOG_2PI = math.log(2.0 * math.pi)
-
-
-def _mvn_log_prob_chol(diff: jax.Array, chol: jax.Array) -> jax.Array:
-    """log N(diff; 0, C C^T) for a lower Cholesky factor `chol`."""
-    white = solve_triangular(chol, diff[..., None], lower=True)[..., 0]
-    half_log_det = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
-    return -0.5 * jnp.sum(white**2, -1) - half_log_det - 0.5 * diff.shape[-1] * _LOG_2PI
 
 
 def _check_linear_gaussian(prior: GMM, H, R, z) -> None:
@@ -104,7 +104,7 @@ def _linear_gaussian_update(prior: GMM, H, R, z) -> GMM:
     A = eye - K @ H[..., None, :, :]
     cov = A @ Sigma @ jnp.swapaxes(A, -1, -2) + K @ R[..., None, :, :] @ Kt
     cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
-    log_w = prior.log_weights + _mvn_log_prob_chol(innovation, S_chol)
+    log_w = prior.log_weights + mvn_log_prob_tril(innovation, S_chol)
     log_w = log_w - logsumexp(log_w, axis=-1, keepdims=True)
     return GMM(log_w, means, jnp.linalg.cholesky(cov))
 
@@ -115,7 +115,7 @@ def linear_gaussian_log_evidence(prior: GMM, H, R, z) -> jax.Array:
     _check_linear_gaussian(prior, H, R, z)
     S = H @ prior.covariances @ H.T + R
     diff = z[..., None, :] - jnp.einsum("md,...kd->...km", H, prior.means)
-    return logsumexp(prior.log_weights + _mvn_log_prob_chol(diff, jnp.linalg.cholesky(S)), -1)
+    return logsumexp(prior.log_weights + mvn_log_prob_tril(diff, jnp.linalg.cholesky(S)), -1)
 
 
 def stack_observations(H, R, zs) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -216,15 +216,42 @@ def rbf_kernel(x1: jax.Array, x2: jax.Array, lengthscale) -> jax.Array:
     return jnp.exp(-0.5 * ((x1[..., :, None] - x2[..., None, :]) / ls) ** 2)
 
 
-def gp_conditionals(x, y, x_star, lengthscale, prior_mean, prior_var, noise_var):
+class GPData(NamedTuple):
+    """Data and prior of one GP regression problem per batch entry (task (d)): f ~ GP(prior_mean, prior_var k_l),
+    y_i = f(x_i) + noise, and the query input x*.
+
+    Attributes:
+      x, y: `[*B, n]` inputs and noisy outputs; x_star: `[*B]` the query input;
+      prior_mean, prior_var: `[*B]` the GP's constant mean m and its signal variance s (the prior of y*).
+    """
+
+    x: jax.Array
+    y: jax.Array
+    x_star: jax.Array
+    prior_mean: jax.Array
+    prior_var: jax.Array
+
+
+class GPHyperprior(NamedTuple):
+    """The fixed settings of the GP-with-hyperprior posterior: observation noise, the Gamma(ls_shape, ls_rate)
+    hyperprior on the lengthscale l, and the sorted quadrature grid `[G]` over u = log l (covering the mass)."""
+
+    noise_var: float
+    ls_shape: float
+    ls_rate: float
+    grid: jax.Array
+
+
+def gp_conditionals(data: GPData, lengthscale, noise_var):
     r"""For f ~ GP(m, s k_l), y_i = f(x_i) + N(0, noise), returns, per lengthscale l,
 
         log N(y; m 1, s K_l + noise I)                      (the lengthscale's marginal likelihood)
         mean, var of f(x*) | y, l = m + s k*^T C^{-1} (y - m),  s - s^2 k*^T C^{-1} k*,   C = s K_l + noise I.
 
-    Shapes: `x`, `y` `[*B, n]`, `x_star`, `prior_mean`, `prior_var` `[*B]`, `lengthscale` broadcastable to
-    `[*B]` (e.g. `[G, *B]` for a grid). Returns three arrays of the broadcast shape.
+    Shapes: `data` as `GPData` (batch `[*B]`), `lengthscale` broadcastable to `[*B]` (e.g. `[G, *B]` for a
+    grid). Returns three arrays of the broadcast shape.
     """
+    x, y, x_star, prior_mean, prior_var = data
     ls = jnp.asarray(lengthscale)
     s = prior_var[..., None, None]
     n = x.shape[-1]
@@ -232,7 +259,7 @@ def gp_conditionals(x, y, x_star, lengthscale, prior_mean, prior_var, noise_var)
     chol = jnp.linalg.cholesky(C)
     r = y - prior_mean[..., None]
     r = jnp.broadcast_to(r, chol.shape[:-1])
-    loglik = _mvn_log_prob_chol(r, chol)
+    loglik = mvn_log_prob_tril(r, chol)
     ks = prior_var[..., None] * rbf_kernel(x, x_star[..., None], ls)[..., 0]  # [..., n]
     ks = jnp.broadcast_to(ks, chol.shape[:-1])
     a = solve_triangular(chol, r[..., None], lower=True)[..., 0]
@@ -247,29 +274,22 @@ def gamma_log_prob(x, shape, rate) -> jax.Array:
     return shape * jnp.log(rate) - gammaln(shape) + (shape - 1) * jnp.log(x) - rate * x
 
 
-def _gp_log_joint_u(u, x, y, x_star, prior_mean, prior_var, noise_var, ls_shape, ls_rate):
+def _gp_log_joint_u(u, data: GPData, hyper: GPHyperprior):
     """(log p(u, y), GP predictive mean and variance of y* given u) for u = log l, unnormalised in u."""
-    ll, mean, var = gp_conditionals(x, y, x_star, jnp.exp(u), prior_mean, prior_var, noise_var)
-    return ll + gamma_log_prob(jnp.exp(u), ls_shape, ls_rate) + u, mean, var
+    ll, mean, var = gp_conditionals(data, jnp.exp(u), hyper.noise_var)
+    return ll + gamma_log_prob(jnp.exp(u), hyper.ls_shape, hyper.ls_rate) + u, mean, var
+
+
+def _log_normal(y, mean, var) -> jax.Array:
+    return -0.5 * ((y - mean) ** 2 / var + jnp.log(var) + _LOG_2PI)
 
 
 def gp_hyperprior_log_posterior(
-    y_star,
-    log_lengthscale,
-    x,
-    y,
-    x_star,
-    prior_mean,
-    prior_var,
-    *,
-    noise_var: float,
-    ls_shape: float,
-    ls_rate: float,
-    grid: jax.Array,
+    y_star, log_lengthscale, data: GPData, hyper: GPHyperprior
 ) -> jax.Array:
     r"""Near-exact log p(y*, u | D) with u = log l, for the GP-with-hyperprior task (paper Sec. 4.2.1).
 
-        p(u | D)      = Gamma(e^u; a, b) e^u N(y; m 1, s K + noise I) / Z,   Z by trapezoid quadrature on `grid`
+        p(u | D)      = Gamma(e^u; a, b) e^u N(y; m 1, s K + noise I) / Z,   Z by trapezoid quadrature on the grid
         p(y* | u, D)  = N(y*; GP predictive mean and variance at x*)
 
     The only approximation is Z (a 1-D integral of a smooth function on a fine grid); the density itself is
@@ -277,54 +297,115 @@ def gp_hyperprior_log_posterior(
 
     Args:
       y_star, log_lengthscale: `[*S, *B]` the points at which to evaluate.
-      x, y: `[*B, n]` the data; x_star: `[*B]` the query input; prior_mean, prior_var: `[*B]` of y*.
-      noise_var: observation-noise variance; ls_shape, ls_rate: the Gamma hyperprior on l.
-      grid: `[G]` sorted grid over u = log l covering the posterior mass.
+      data: the data and the GP prior of y*, each `[*B, ...]` (`GPData`).
+      hyper: noise variance, the Gamma hyperprior on l and the grid `[G]` over u = log l (`GPHyperprior`).
 
     Returns:
       `[*S, *B]` log densities on (y*, u).
     """
-
-    args = (x, y, x_star, prior_mean, prior_var, noise_var, ls_shape, ls_rate)
-    g = grid.reshape((-1,) + (1,) * len(jnp.shape(prior_mean)))
-    log_z = log_normalizer_1d(lambda _: _gp_log_joint_u(g, *args)[0], grid)
-    log_joint, mean, var = _gp_log_joint_u(log_lengthscale, *args)
-    log_pu = log_joint - log_z
-    log_py = -0.5 * ((y_star - mean) ** 2 / var + jnp.log(var) + _LOG_2PI)
-    return log_pu + log_py
+    g = hyper.grid.reshape((-1,) + (1,) * len(jnp.shape(data.prior_mean)))
+    log_z = log_normalizer_1d(lambda _: _gp_log_joint_u(g, data, hyper)[0], hyper.grid)
+    log_joint, mean, var = _gp_log_joint_u(log_lengthscale, data, hyper)
+    return log_joint - log_z + _log_normal(y_star, mean, var)
 
 
 def gp_hyperprior_log_marginals(
-    y_star,
-    log_lengthscale,
-    x,
-    y,
-    x_star,
-    prior_mean,
-    prior_var,
-    *,
-    noise_var: float,
-    ls_shape: float,
-    ls_rate: float,
-    grid: jax.Array,
+    y_star, log_lengthscale, data: GPData, hyper: GPHyperprior
 ) -> tuple[jax.Array, jax.Array]:
     r"""The two marginals of `gp_hyperprior_log_posterior`: the predictive p(y* | D) and p(u | D), u = log l.
 
-        p(y* | D) = int p(u | D) N(y*; m_u, v_u) du      (trapezoid quadrature on `grid`)
+        p(y* | D) = int p(u | D) N(y*; m_u, v_u) du      (trapezoid quadrature on the grid)
         p(u | D)  = Gamma(e^u; a, b) e^u N(y; m 1, s K_u + noise I) / Z
 
     Same arguments and shapes as `gp_hyperprior_log_posterior`; returns two `[*S, *B]` arrays.
     """
-    args = (x, y, x_star, prior_mean, prior_var, noise_var, ls_shape, ls_rate)
-    nb = len(jnp.shape(prior_mean))
-    g = grid.reshape((-1,) + (1,) * nb)
-    lj, mean_g, var_g = _gp_log_joint_u(g, *args)  # [G, *B]
-    log_w = lj + _log_trapezoid_weights(grid, nb)
+    nb = len(jnp.shape(data.prior_mean))
+    g = hyper.grid.reshape((-1,) + (1,) * nb)
+    lj, mean_g, var_g = _gp_log_joint_u(g, data, hyper)  # [G, *B]
+    log_w = lj + _log_trapezoid_weights(hyper.grid, nb)
     log_z = logsumexp(log_w, axis=0)
     log_w = log_w - log_z  # [G, *B] quadrature weights of p(u | D)
     expand = (slice(None),) + (None,) * (jnp.ndim(y_star) - nb)
-    m, v = mean_g[expand], var_g[expand]
-    log_npdf = -0.5 * ((y_star[None] - m) ** 2 / v + jnp.log(v) + _LOG_2PI)
+    log_npdf = _log_normal(y_star[None], mean_g[expand], var_g[expand])
     log_py = logsumexp(log_w[expand] + log_npdf, axis=0)
-    log_pu = _gp_log_joint_u(log_lengthscale, *args)[0] - log_z
+    log_pu = _gp_log_joint_u(log_lengthscale, data, hyper)[0] - log_z
     return log_py, log_pu
+
+
+# ------------------------------------------------------------------- binary measurements on a tabulated grid
+
+
+def logit_beta_log_prob(u, c1, c0) -> jax.Array:
+    """Density of u = logit delta, delta ~ Beta(c1, c0): c1 log s(u) + c0 log s(-u) - log B(c1, c0)."""
+    return c1 * jax.nn.log_sigmoid(u) + c0 * jax.nn.log_sigmoid(-u) - betaln(c1, c0)
+
+
+def interpolate_columns(u, grid, table) -> jax.Array:
+    """Each column j of `table` `[G, J]` linearly interpolated at `u` on the sorted `grid` `[G]`: `[..., J]`."""
+    return jnp.stack([jnp.interp(u, grid, table[:, j]) for j in range(table.shape[1])], -1)
+
+
+def bernoulli_log_likelihood(p, z) -> jax.Array:
+    """sum_j z_j log p_j + (1 - z_j) log(1 - p_j) over the last axis."""
+    return jnp.sum(z * jnp.log(p) + (1 - z) * jnp.log1p(-p), -1)
+
+
+def grid_bernoulli_log_posterior(u, c1, c0, z, grid, success) -> jax.Array:
+    r"""log p(u | z) for u = logit delta, delta ~ Beta(c1, c0), z_j ~ Bernoulli(p_j(delta)), j = 1..J.
+
+    The success probabilities p_j are tabulated at the points of the sorted `grid` `[G]` over u (`success`
+    `[G, J]`, inside (0, 1)) and linearly interpolated between them; the posterior is normalised by trapezoid
+    quadrature on the same grid (task (e), paper Sec. 4.2.2).
+
+    Args:
+      u: `[*S, B]` the points at which to evaluate; c1, c0: `[B]` the Beta prior; z: `[B, J]` the outcomes.
+      grid, success: the table of p_j(u).
+
+    Returns:
+      `[*S, B]` log densities of u.
+    """
+    grid = jnp.asarray(grid)
+    log_lik_grid = jnp.log(success) @ z.T + jnp.log1p(-success) @ (1 - z).T  # [G, B]
+    log_prior_grid = logit_beta_log_prob(grid[:, None], c1, c0)
+    log_z = log_normalizer_1d(lambda g: log_prior_grid + log_lik_grid, grid)
+    log_lik = bernoulli_log_likelihood(interpolate_columns(u, grid, success), z)
+    return logit_beta_log_prob(u, c1, c0) + log_lik - log_z
+
+
+# -------------------------------------------------------------------------------- linear-Gaussian dynamics
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearGaussianDynamics:
+    """The LTI motion model x_0 ~ N(x0_mean, L0 L0^T), x_{t+1} = A x_t + F eps_t, eps_t ~ N(0, I), Q = F F^T.
+
+    Attributes (array-likes; tuples keep the dataclass hashable):
+      A: `[d, d]` transition matrix; Q_factor: `[d, e]` noise factor F.
+      x0_mean: `[d]` (or `[B, d]`) mean of x_0; x0_scale_tril: its Cholesky factor L0 (identity if None).
+    """
+
+    A: object
+    Q_factor: object
+    x0_mean: object
+    x0_scale_tril: object | None = None
+
+    @property
+    def Q(self) -> jax.Array:
+        """The process-noise covariance F F^T."""
+        F = jnp.asarray(self.Q_factor)
+        return F @ F.T
+
+    @property
+    def x0_covariance(self) -> jax.Array:
+        d = jnp.shape(self.A)[0]
+        if self.x0_scale_tril is None:
+            return jnp.eye(d)
+        L0 = jnp.asarray(self.x0_scale_tril)
+        return L0 @ L0.T
+
+    def predict(self, gmm: GMM) -> GMM:
+        """The exact predict step per component: mu <- A mu, Sigma <- A Sigma A^T + Q (weights unchanged)."""
+        A = jnp.asarray(self.A)
+        cov = A @ gmm.covariances @ A.T + self.Q
+        cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+        return GMM(gmm.logits, gmm.means @ A.T, jnp.linalg.cholesky(cov))

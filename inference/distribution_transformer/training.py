@@ -18,50 +18,32 @@ Optional **self-fed priors** (`PriorFeedback`, filtering tasks only; not in the 
 which train on meta-prior draws alone): a pool of priors is kept in the train state and fills a fraction of
 every batch. After each step, the model's own posterior for each pool prior goes through the task's exact
 predict step (mu <- A mu, Sigma <- A Sigma A^T + Q) and becomes that entry's next prior, as in the filter
-(`inference.distribution_transformer.filters.dt_filter`); entries restart from the filter's initial prior with probability
-`reset_prob` per step, or when their prior leaves a sane range. Each training triple still draws the latent
+(`filters.dt_filter`); entries restart from the filter's initial prior with probability `reset_prob` per step,
+or when their prior leaves a sane range. Each training triple still draws the latent
 from its own prior (x ~ prior, z ~ p(z | x)), so the posterior term keeps its meaning (Prop. 3.1) for these
 priors too: the model is asked for the exact posterior of the priors it feeds itself at test time, instead of
 only for meta-prior draws, which after many steps look different (the train/test mismatch of sequential use).
+
+Nothing here is tuned for a machine by default. `compiler_options` (the train step, `make_posterior_fn`) and
+`slices` (`make_posterior_fn`) are the hardware knobs, passed explicitly; the experiment sets them for the CPU
+(`experiments.distribution_transformer.cpu_tuning`). This module does not import numpyro.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
-from theorax.inference.distribution_transformer.filters import gaussian_predict, initial_gmm
+from theorax.inference.distribution_transformer.tasks import Problem, Task
 from theorax.models.distribution_transformer import DistributionTransformer
-from theorax.models.distribution_transformer.tasks import Problem
 from theorax.models.gmm import GMM
 
-# XLA:CPU's YNNPACK fusions pull a whole post-LN layer of this model (attention core, three LayerNorms, FFN) into
-# one library call, which materialises every broadcast constant at full size and runs the small-token maths slowly.
-# Plain XLA fusions with library dots are faster for this model (DT-5 on 1,000 problems: 34 -> 27 ms; a training
-# step at batch 384: 71 -> 58 ms) but not for the scaled MLPs' large matmuls, so it is set per program, not per
-# process.
-_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
-
-@functools.cache
-def _compiler_options() -> tuple[tuple[str, str], ...]:
-    """The options above on the CPU backend if this jaxlib knows them, else none."""
-    if jax.default_backend() != "cpu":
-        return ()
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(1.0).compile()
-    except Exception:  # an XLA without the option: keep its defaults
-        return ()
-    return tuple(_CPU_COMPILER_OPTIONS.items())
-
-
-def jit(fn: Callable, **kwargs) -> Callable:
-    """`jax.jit` with the compiler options this model runs fastest with (see `_CPU_COMPILER_OPTIONS`)."""
-    return jax.jit(fn, compiler_options=dict(_compiler_options()) or None, **kwargs)
+def _options(compiler_options: Mapping[str, str] | None) -> dict[str, str] | None:
+    return dict(compiler_options) if compiler_options else None
 
 
 def make_optimizer(
@@ -103,13 +85,13 @@ class PriorFeedback:
         return max(1, min(batch_size - 1, round(self.fraction * batch_size)))
 
 
-def _check_feedback(task, feedback: PriorFeedback | None) -> None:
+def _check_feedback(task: Task, feedback: PriorFeedback | None) -> None:
     if feedback is None:
         return
-    if not all(hasattr(task, a) for a in ("A", "Q", "sample_given_prior", "x0_mean")):
+    if not task.filtering:
         raise ValueError(
-            f"PriorFeedback needs a filtering task with a linear-Gaussian transition (A, Q), x0_mean and "
-            f"sample_given_prior; {type(task).__name__} has none"
+            f"PriorFeedback needs a filtering task with a linear-Gaussian transition (`dynamics`), an "
+            f"`initial_prior` and `sample_given_prior`; {type(task).__name__} has none"
         )
     if not 0.0 < feedback.fraction < 1.0:
         raise ValueError(f"PriorFeedback.fraction={feedback.fraction} must lie in (0, 1)")
@@ -117,11 +99,13 @@ def _check_feedback(task, feedback: PriorFeedback | None) -> None:
         raise ValueError(f"PriorFeedback.reset_prob={feedback.reset_prob} must lie in [0, 1]")
 
 
-def _next_pool(task, feedback: PriorFeedback, posterior: GMM, key, step) -> tuple[GMM, jax.Array]:
+def _next_pool(
+    task: Task, feedback: PriorFeedback, posterior: GMM, key, step
+) -> tuple[GMM, jax.Array]:
     """Predicts each pool entry's posterior to its next prior; restarts some entries. Returns the new pool
     and the restart mask."""
     posterior = jax.lax.stop_gradient(posterior)
-    nxt = gaussian_predict(posterior, jnp.asarray(task.A), task.Q)
+    nxt = task.dynamics.predict(posterior)
     n, k = nxt.logits.shape
     log_diag = jnp.log(jnp.diagonal(nxt.scale_tril, axis1=-2, axis2=-1))
     sane = (
@@ -131,7 +115,7 @@ def _next_pool(task, feedback: PriorFeedback, posterior: GMM, key, step) -> tupl
     )
     reset = (jax.random.uniform(key, (n,)) < feedback.reset_prob) | ~sane
     reset = reset | (step < feedback.start_step)
-    init = initial_gmm(task, n, k)
+    init = task.initial_prior(n, k)
     logits = nxt.logits - jax.scipy.special.logsumexp(nxt.logits, -1, keepdims=True)
     pool = GMM(
         jnp.where(reset[:, None], init.logits, logits),
@@ -164,7 +148,7 @@ def nll_loss(
 
 def init_state(
     model: DistributionTransformer,
-    task,
+    task: Task,
     optimizer,
     key: jax.Array,
     *,
@@ -182,8 +166,8 @@ def init_state(
         params = model.init(jax.random.fold_in(key, 2), problem.prior, problem.observations)
         state = {"params": params, "opt_state": optimizer.init(params)}
         if feedback is not None:
-            state["pool"] = initial_gmm(
-                task, feedback.pool_size(batch_size), problem.prior.num_components
+            state["pool"] = task.initial_prior(
+                feedback.pool_size(batch_size), problem.prior.num_components
             )
         return state
 
@@ -192,7 +176,7 @@ def init_state(
 
 def make_train_step(
     model: DistributionTransformer,
-    task,
+    task: Task,
     optimizer: optax.GradientTransformation,
     *,
     batch_size: int,
@@ -200,6 +184,7 @@ def make_train_step(
     use_prior_loss: bool = True,
     batch_sharding: jax.sharding.Sharding | None = None,
     feedback: PriorFeedback | None = None,
+    compiler_options: Mapping[str, str] | None = None,
 ) -> Callable[[dict, int], tuple[dict, Mapping[str, jax.Array]]]:
     """A jitted `step_fn(state, step) -> (state, metrics)` with the state donated.
 
@@ -208,6 +193,8 @@ def make_train_step(
     to it (the batch axis split over a `data` mesh; parameters stay replicated). With `feedback` (the state
     from `init_state(..., feedback=...)`), the last `feedback.pool_size(batch_size)` problems of each batch
     use the pool's priors, and the metrics add `feedback_posterior_nll` and `feedback_resets`.
+    `compiler_options` are XLA options for this one program (`jax.jit(..., compiler_options=...)`; none by
+    default).
     """
     _check_feedback(task, feedback)
     n_fb = feedback.pool_size(batch_size) if feedback is not None else 0
@@ -239,21 +226,27 @@ def make_train_step(
             metrics["feedback_resets"] = jnp.mean(reset.astype(jnp.float32))
         return new_state, metrics
 
-    return jit(step_fn, donate_argnums=(0,))
+    return jax.jit(step_fn, donate_argnums=(0,), compiler_options=_options(compiler_options))
 
 
-def make_posterior_fn(model: DistributionTransformer, slices: int | None = None) -> Callable:
+def make_posterior_fn(
+    model: DistributionTransformer,
+    *,
+    slices: int = 1,
+    compiler_options: Mapping[str, str] | None = None,
+) -> Callable:
     """A jitted `posterior(params, prior, observations) -> GMM` for inference (validated at trace time).
 
-    Inside the one compiled program the batch (the leading axis of the prior and of every observation array)
-    is cut into `slices` near-equal parts that go through the model independently and are concatenated
-    back; the result is the same. XLA's CPU runtime runs the independent parts' small operations
-    concurrently, which keeps both cores of a small machine busy better than one batch of small operations
-    does (the paper's DT-5 on 1,000 problems, 2-core CPU: ~30 ms whole, ~28 ms in 2 slices).
-    Default: 2 on the CPU, 1 (whole batch) on accelerators. Batches smaller than `slices` run whole.
+    Two hardware knobs, off by default:
+
+    * `slices`: inside the one compiled program the batch (the leading axis of the prior and of every
+      observation array) is cut into `slices` near-equal parts that go through the model independently and
+      are concatenated back; the result is the same. XLA's CPU runtime runs the independent parts' small
+      operations concurrently, which keeps both cores of a small machine busy better than one batch of small
+      operations does (the paper's DT-5 on 1,000 problems, 2-core CPU: ~30 ms whole, ~28 ms in 2 slices).
+      Batches smaller than `slices` run whole.
+    * `compiler_options`: XLA options for this program (`jax.jit(..., compiler_options=...)`).
     """
-    if slices is None:
-        slices = 2 if jax.default_backend() == "cpu" else 1
 
     def posterior(params, prior, observations):
         first = jax.tree.leaves(prior)[0]  # GMM logits [*B, k] or prior features [*B, f]
@@ -269,7 +262,26 @@ def make_posterior_fn(model: DistributionTransformer, slices: int | None = None)
         ]
         return jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
 
-    return jit(posterior)
+    return jax.jit(posterior, compiler_options=_options(compiler_options))
+
+
+def scan_updates(
+    update: Callable[[GMM, Mapping[str, jax.Array]], GMM],
+    prior: GMM,
+    observations: Mapping[str, jax.Array],
+    transition: Callable[[GMM], GMM] | None = None,
+) -> GMM:
+    """The sequential-inference loop: posterior_t = update(prior_t, observations_t), and the next prior is
+    transition(posterior_t) (the posterior itself without a transition). One `lax.scan` over the leading axis of
+    every observation array; returns the posteriors stacked, batch `[T, *B]`."""
+
+    def body(gmm, obs):
+        post = update(gmm, obs)
+        nxt = transition(post) if transition is not None else post
+        return nxt, post
+
+    _, posts = jax.lax.scan(body, prior, dict(observations))
+    return posts
 
 
 def sequential_posterior(
@@ -292,11 +304,6 @@ def sequential_posterior(
       The GMMs after each update, stacked: batch `[T, *B]`.
     """
     model.check_inputs(prior, jax.tree.map(lambda z: z[0], dict(observations)))
-
-    def body(gmm, obs):
-        post = model.apply(params, gmm, obs)
-        nxt = transition(post) if transition is not None else post
-        return nxt, post
-
-    _, posts = jax.lax.scan(body, prior, dict(observations))
-    return posts
+    return scan_updates(
+        lambda gmm, obs: model.apply(params, gmm, obs), prior, observations, transition
+    )

@@ -8,7 +8,10 @@ import numpy as np
 import optax
 import pytest
 from theorax.inference.distribution_transformer import baselines, exact
+from theorax.inference.distribution_transformer.tasks import GMMLinearGaussianTask
 from theorax.models.gmm import GMM, kl_gmm
+
+MODEL = GMMLinearGaussianTask.numpyro_model
 
 # Three problems of task (a)'s numpyro model, batched so each guide compiles once: a 2-D bimodal prior
 # (two problems, observations of different sides) and a prior of two identical components (a Gaussian, so
@@ -36,7 +39,7 @@ def fits():
     args = (PRIOR.logits, PRIOR.means, PRIOR.scale_tril)
     args = args + (jnp.broadcast_to(H, (p, 2, 2)), jnp.broadcast_to(R, (p, 2, 2)), Z[:, None])
     loc, tril, _ = baselines.svi_gaussian(
-        baselines.gmm_linear_model,
+        MODEL,
         args,
         jax.random.key(0),
         num_steps=STEPS,
@@ -44,11 +47,11 @@ def fits():
         num_particles=10,
     )
     q_gmm, timing = baselines.svi_gmm(
-        baselines.gmm_linear_model,
+        MODEL,
         args,
         jax.random.key(1),
         num_steps=STEPS,
-        num_components=2,
+        guide=baselines.MixtureGuide(num_components=2),
         learning_rate=lr,
         num_particles=5,
     )
@@ -83,15 +86,10 @@ def test_both_guides_recover_an_exact_gaussian_posterior(fits):
 
 def test_svi_gmm_refuses_bad_settings_before_compiling():
     args = (PRIOR.logits, PRIOR.means)
+    banded, empty = baselines.MixtureGuide(covariance="banded"), baselines.MixtureGuide(0)
     with pytest.raises(ValueError, match="covariance='banded'"):
-        baselines.svi_gmm(
-            baselines.gmm_linear_model, args, jax.random.key(0), num_steps=1, covariance="banded"
-        )
+        baselines.svi_gmm(MODEL, args, jax.random.key(0), num_steps=1, guide=banded)
     with pytest.raises(ValueError, match="num_components"):
-        baselines.svi_gmm(
-            baselines.gmm_linear_model, args, jax.random.key(0), num_steps=1, num_components=0
-        )
+        baselines.svi_gmm(MODEL, args, jax.random.key(0), num_steps=1, guide=empty)
     with pytest.raises(ValueError, match="leading problem axis"):
-        baselines.svi_gmm(
-            baselines.gmm_linear_model, (PRIOR.logits, Z[:2]), jax.random.key(0), num_steps=1
-        )
+        baselines.svi_gmm(MODEL, (PRIOR.logits, Z[:2]), jax.random.key(0), num_steps=1)

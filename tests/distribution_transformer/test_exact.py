@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.stats
-from theorax.inference.distribution_transformer import evaluation as dt_evaluation
 from theorax.inference.distribution_transformer import exact
-from theorax.models.distribution_transformer import tasks as dt_tasks
+from theorax.inference.distribution_transformer import tasks as dt_tasks
 from theorax.models.gmm import GMM, GMMError
 
 
@@ -26,10 +25,10 @@ def _grid_posterior(log_prior, log_lik, cell):
 
 def test_linear_gaussian_posterior_matches_1d_grid():
     with jax.enable_x64(True):
-        prior = GMM.from_weights(
-            jnp.array([0.2, 0.5, 0.3]),
+        prior = GMM.from_stddevs(
+            jnp.log(jnp.array([0.2, 0.5, 0.3])),
             jnp.array([[-3.0], [0.5], [4.0]]),
-            jnp.array([[[0.8]], [[1.5]], [[0.4]]]),
+            jnp.array([[0.8], [1.5], [0.4]]),
         )
         H, R, z = jnp.array([[2.0]]), jnp.array([[0.7]]), jnp.array([1.3])
         post = exact.linear_gaussian_posterior(prior, H, R, z)
@@ -81,7 +80,7 @@ def test_far_away_components_do_not_underflow():
 def test_sequential_updates_equal_the_batched_update():
     with jax.enable_x64(True):
         key = jax.random.key(0)
-        prior = dt_tasks.sample_gmm_meta_prior(key, 5, 3, 2)
+        prior = dt_tasks.GMMMetaPrior().sample(key, 5, 3, 2)
         prior = jax.tree.map(lambda a: a.astype(jnp.float64), prior)
         H = jnp.array([[1.0, 0.5], [0.0, 2.0]])
         R = jnp.array([[0.5, 0.1], [0.1, 0.3]])
@@ -151,33 +150,17 @@ def test_gp_hyperprior_posterior_matches_2d_grid_of_the_joint_gaussian():
         cell = (ys[1] - ys[0]) * (us[1] - us[0])
         brute = _grid_posterior(log_joint, 0.0, cell)
         Y, U = np.meshgrid(ys, us, indexing="ij")
+        info = prob.info
+        data = exact.GPData(info["x"], info["y"], info["x_star"], info["m"], info["s"])
+        grid = jnp.linspace(np.log(1e-3), np.log(20.0), 3001)
+        hyper = exact.GPHyperprior(task.noise_var, task.ls_shape, task.ls_rate, grid)
         ours = exact.gp_hyperprior_log_posterior(
-            jnp.asarray(Y)[..., None],
-            jnp.asarray(U)[..., None],
-            prob.info["x"],
-            prob.info["y"],
-            prob.info["x_star"],
-            prob.info["m"],
-            prob.info["s"],
-            noise_var=task.noise_var,
-            ls_shape=task.ls_shape,
-            ls_rate=task.ls_rate,
-            grid=jnp.linspace(np.log(1e-3), np.log(20.0), 3001),
+            jnp.asarray(Y)[..., None], jnp.asarray(U)[..., None], data, hyper
         )[..., 0]
         np.testing.assert_allclose(np.exp(np.asarray(ours)), brute, atol=2e-3 * brute.max())
         # the marginals: sum the brute-force joint over the other variable
         lpy, lpu = exact.gp_hyperprior_log_marginals(
-            jnp.asarray(ys)[:, None],
-            jnp.asarray(us)[:, None],
-            prob.info["x"],
-            prob.info["y"],
-            prob.info["x_star"],
-            prob.info["m"],
-            prob.info["s"],
-            noise_var=task.noise_var,
-            ls_shape=task.ls_shape,
-            ls_rate=task.ls_rate,
-            grid=jnp.linspace(np.log(1e-3), np.log(20.0), 3001),
+            jnp.asarray(ys)[:, None], jnp.asarray(us)[:, None], data, hyper
         )
         py_brute, pu_brute = brute.sum(1) * (us[1] - us[0]), brute.sum(0) * (ys[1] - ys[0])
         np.testing.assert_allclose(
@@ -209,7 +192,7 @@ def test_quantum_reference_is_normalised_and_agrees_with_importance_sampling():
     task = dt_tasks.QuantumTask()
     prob = task.sample(jax.random.key(5), 3)
     grid = jnp.linspace(-40, 40, 20_001)
-    dens = np.exp(np.asarray(dt_evaluation.reference_log_prob(task, prob, grid[:, None, None])))
+    dens = np.exp(np.asarray(task.reference_log_prob(prob, grid[:, None, None])))
     np.testing.assert_allclose(np.trapezoid(dens, np.asarray(grid), axis=0), 1.0, atol=1e-3)
     grid_mean = np.trapezoid(dens * np.asarray(grid)[:, None], np.asarray(grid), axis=0)
     n = 20_000

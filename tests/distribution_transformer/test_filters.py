@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import scipy.stats
 from theorax.inference.distribution_transformer import filters
-from theorax.models.distribution_transformer import tasks as dt_tasks
+from theorax.inference.distribution_transformer import tasks as dt_tasks
+from theorax.inference.distribution_transformer.exact import LinearGaussianDynamics
 
 # ------------------------------------------------------------------------------- linear-Gaussian model
 
@@ -23,6 +24,7 @@ H = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, -1.0]])
 R = np.array([[2.0, 0.3], [0.3, 1.5]])
 X0_MEAN = np.array([0.5, -1.0, 2.0])
 X0_TRIL = np.array([[1.0, 0.0, 0.0], [0.3, 0.8, 0.0], [-0.2, 0.1, 1.2]])
+DYNAMICS = LinearGaussianDynamics(A, Q_FACTOR, X0_MEAN, X0_TRIL)
 
 
 def _simulate():
@@ -69,10 +71,7 @@ def test_ekf_on_a_linear_model_is_the_kalman_filter(kf):
             lambda x: Hj @ x,
             lambda x: Rj,
             jnp.asarray(OBS),
-            A=A,
-            Q=Q_FACTOR @ Q_FACTOR.T,
-            x0_mean=X0_MEAN,
-            x0_covariance=X0_TRIL @ X0_TRIL.T,
+            DYNAMICS,
             states=jnp.asarray(STATES),
         )
         assert out.mean.dtype == jnp.float64
@@ -101,10 +100,7 @@ def test_bootstrap_particle_filter_converges_to_the_kalman_filter(kf):
             key,
             log_likelihood,
             z,
-            A=A,
-            Q_factor=Q_FACTOR,
-            x0_mean=X0_MEAN,
-            x0_scale_tril=X0_TRIL,
+            DYNAMICS,
             num_particles=n,
         )
     )(jax.random.key(0), jnp.asarray(OBS, jnp.float32))
@@ -132,9 +128,7 @@ def test_particle_filter_refuses_observations_without_time_and_series_axes():
             jax.random.key(0),
             lambda p, z: p[..., 0],
             jnp.zeros(5),
-            A=A,
-            Q_factor=Q_FACTOR,
-            x0_mean=X0_MEAN,
+            DYNAMICS,
             num_particles=10,
         )
 
@@ -151,11 +145,9 @@ def test_particle_filter_first_update_on_sensor_fusion_matches_grid_quadrature()
     out = jax.jit(
         lambda key: filters.particle_filter(
             key,
-            filters.sensor_fusion_log_likelihood(task),
+            filters.particle_log_likelihood(task),
             obs,
-            A=task.A,
-            Q_factor=task.Q_factor,
-            x0_mean=task.x0_mean,
+            task.dynamics,
             num_particles=n,
         )
     )(jax.random.key(2))
@@ -194,7 +186,7 @@ def test_particle_filter_first_update_on_sensor_fusion_matches_grid_quadrature()
 
 def test_ekf_linearisation_is_the_analytic_jacobian_of_range_and_bearing():
     task = dt_tasks.make_task("sensor_fusion")
-    h, noise_covariance, residual = filters.ekf_observation_model(task)
+    h, noise_covariance, residual = task.ekf_observation_model()
     w_normal = task.range_weights[0]
     for x in ([1.0, 0.3, 2.0, -0.1], [-3.0, 0.0, 0.5, 1.0], [0.2, -1.0, -4.0, 0.0]):
         x = np.asarray(x)

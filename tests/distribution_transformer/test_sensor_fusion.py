@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from theorax.inference.distribution_transformer import filters
-from theorax.models.distribution_transformer import tasks as dt_tasks
+from theorax.inference.distribution_transformer import tasks as dt_tasks
+from theorax.inference.distribution_transformer import training as dt_training
+from theorax.models.distribution_transformer import DistributionTransformer
 from theorax.models.gmm import GMM
 
 
@@ -18,9 +20,8 @@ def _precisions(gmm: GMM) -> np.ndarray:
 
 def test_meta_prior_precision_scale_is_the_wishart_scale_matrix():
     """Lambda ~ Wishart(df, s I) has mean df s I; means ~ N(0, loc_scale^2 I)."""
-    prior = dt_tasks.sample_gmm_meta_prior(
-        jax.random.key(0), 20_000, 2, 3, loc_scale=2.0, wishart_df=6.0, precision_scale=3.0
-    )
+    meta_prior = dt_tasks.GMMMetaPrior(loc_scale=2.0, wishart_df=6.0, precision_scale=3.0)
+    prior = meta_prior.sample(jax.random.key(0), 20_000, 2, 3)
     lam = _precisions(prior).reshape(-1, 3, 3)
     np.testing.assert_allclose(lam.mean(0), 18.0 * np.eye(3), atol=0.6)
     np.testing.assert_allclose(np.asarray(prior.means).reshape(-1, 3).var(0), 4.0, rtol=0.05)
@@ -47,7 +48,7 @@ def test_filter_predict_and_scoring_are_aligned_with_the_states():
     T, B = 6, 5
     states, obs = task.simulate(jax.random.key(2), B, T)
     nll = filters.dt_filter(lambda p, prior, o: prior, None, task, states, obs, 4)
-    A, Q = np.asarray(task.A, np.float64), np.asarray(task.Q, np.float64)
+    A, Q = np.asarray(task.A, np.float64), np.asarray(task.dynamics.Q, np.float64)
     mean, cov = np.asarray(task.x0_mean, np.float64), np.eye(4)
     for t in range(T):
         expected = -np.asarray(
@@ -69,18 +70,16 @@ def test_simulated_readings_are_of_the_simulated_states():
 
 def test_self_fed_priors_are_the_models_predicted_posteriors():
     """With PriorFeedback the pool holds the filter's initial prior at first and while step < start_step;
-    after a step without restarts every entry is the model's posterior pushed through the exact predict step
-    (so Sigma - Q = A Sigma' A^T is positive definite, and the entry has moved). Bad settings are refused."""
-    from theorax.inference.distribution_transformer import training as dt_training
-    from theorax.models.distribution_transformer import DistributionTransformer
-
+    after a step without restarts every entry is the model's posterior for the entry's prior (under the
+    parameters before the step, on the readings the step drew) pushed through the predict step, recomputed
+    here in float64 numpy: mu <- A mu, Sigma <- A Sigma A^T + Q. Bad settings are refused."""
     task = dt_tasks.SensorFusionTask()
     model = DistributionTransformer(
-        **dt_tasks.model_kwargs(task), d_model=16, num_heads=2, num_layers=1, dim_feedforward=32
+        **task.model_kwargs(), d_model=16, num_heads=2, num_layers=1, dim_feedforward=32
     )
     opt = dt_training.make_optimizer(1e-3, 10, 2)
     key = jax.random.key(0)
-    init = np.asarray(filters.initial_gmm(task, 4, 4).means)
+    init = np.asarray(task.initial_prior(4, 4).means)
     fb = dt_training.PriorFeedback(fraction=0.25, reset_prob=0.0, start_step=1)
     state = dt_training.init_state(model, task, opt, key, feedback=fb, batch_size=16)
     np.testing.assert_array_equal(np.asarray(state["pool"].means), init)
@@ -88,12 +87,23 @@ def test_self_fed_priors_are_the_models_predicted_posteriors():
     state, metrics = step(state, 0)  # step < start_step: every entry restarts
     np.testing.assert_array_equal(np.asarray(state["pool"].means), init)
     assert float(metrics["feedback_resets"]) == 1.0
+    before = jax.tree.map(np.array, state)  # the step donates its state
     state, metrics = step(state, 1)
     assert float(metrics["feedback_resets"]) == 0.0
     assert np.isfinite(float(metrics["feedback_posterior_nll"]))
     pool = state["pool"]
     assert not np.allclose(np.asarray(pool.means), init)
-    rest = np.asarray(pool.covariances, np.float64) - np.asarray(task.Q, np.float64)
+    # the readings step 1 drew for the pool's priors (make_train_step: fold_in(fold_in(key, step), 1))
+    fed = task.sample_given_prior(jax.random.fold_in(jax.random.fold_in(key, 1), 1), before["pool"])
+    post = model.apply(before["params"], fed.prior, fed.observations)
+    A, Q = np.asarray(task.A, np.float64), np.asarray(task.dynamics.Q, np.float64)
+    L = np.asarray(post.scale_tril, np.float64)
+    want_cov = A @ (L @ np.swapaxes(L, -1, -2)) @ A.T + Q
+    want_means = np.asarray(post.means, np.float64) @ A.T
+    np.testing.assert_allclose(np.asarray(pool.means), want_means, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(pool.covariances), want_cov, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(pool.weights), np.asarray(post.weights), atol=1e-6)
+    rest = np.asarray(pool.covariances, np.float64) - Q  # = A Sigma' A^T: positive definite
     assert np.all(np.linalg.eigvalsh(rest) > 0)
     with pytest.raises(ValueError, match="filtering task"):
         dt_training.init_state(
@@ -111,12 +121,9 @@ def test_transformer_filter_trained_with_self_fed_priors_beats_the_ekf():
     steps with a mean NLL of the true state below 1.5 and at least 1 nat below the EKF's (4.4 on these
     series). Trained on meta-prior draws alone the filter scores far worse at this budget (14.4 after 3,000
     steps in our runs: its posteriors blow up on the filter's priors)."""
-    from theorax.inference.distribution_transformer import training as dt_training
-    from theorax.models.distribution_transformer import DistributionTransformer
-
     task = dt_tasks.SensorFusionTask()
     model = DistributionTransformer(
-        **dt_tasks.model_kwargs(task),
+        **task.model_kwargs(),
         d_model=64,
         num_heads=8,
         num_layers=3,

@@ -1,15 +1,20 @@
 """models.distribution_transformer and its training: valid GMM outputs (also for extreme inputs), permutation
 equivariance, clear errors for bad input before compiling, and convergence on task (a) to the exact posterior."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from theorax.inference.distribution_transformer import evaluation as dt_evaluation
 from theorax.inference.distribution_transformer import exact
+from theorax.inference.distribution_transformer import tasks as dt_tasks
 from theorax.inference.distribution_transformer import training as dt_training
-from theorax.models.distribution_transformer import DistributionTransformer, ModelInputError
-from theorax.models.distribution_transformer import tasks as dt_tasks
+from theorax.models.distribution_transformer import (
+    DistributionTransformer,
+    ModelInputError,
+    init_params,
+)
 from theorax.models.gmm import GMM, GMMError
 
 SMALL = dict(d_model=32, num_heads=4, num_layers=2, dim_feedforward=64)
@@ -64,7 +69,7 @@ def gmm_setup():
     """One small GMM-prior model (2-D, 3 components, sources a and b), its parameters and a jitted apply,
     shared by the tests below so it compiles once."""
     model = _gmm_model()
-    prior = dt_tasks.sample_gmm_meta_prior(jax.random.key(2), 4, 3, 2)
+    prior = dt_tasks.GMMMetaPrior().sample(jax.random.key(2), 4, 3, 2)
     obs = {"a": jax.random.normal(jax.random.key(3), (4, 2, 1)), "b": jnp.ones((4, 1, 2))}
     params = _params_with_nonzero_residuals(model, prior, obs)
     apply = jax.jit(model.apply, static_argnames="return_prior")
@@ -97,7 +102,7 @@ def test_outputs_are_valid_gmms_for_ordinary_and_extreme_inputs(gmm_setup):
 
 def test_outputs_are_valid_for_non_gmm_priors():
     task = dt_tasks.InverseGammaTask.wide()
-    model = DistributionTransformer(**dt_tasks.model_kwargs(task), num_components=2, **SMALL)
+    model = DistributionTransformer(**task.model_kwargs(2), **SMALL)
     prob = task.sample(jax.random.key(4), 2)
     params = _params_with_nonzero_residuals(model, prob.prior, prob.observations)
     extreme = jnp.array([[0.5, 1.0], [20.0, -20.0]])
@@ -111,8 +116,8 @@ def test_permuting_prior_components_permutes_the_output_and_keeps_the_density(gm
     perm = jnp.array([2, 0, 1])
     permuted = jax.tree.map(lambda a: jnp.take(a, perm, axis=1), prior)
     out, out_p = apply(params, prior, obs), apply(params, permuted, obs)
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(out_p), strict=True):
-        np.testing.assert_allclose(jnp.take(a, perm, axis=1), b, rtol=1e-4, atol=1e-5)
+    permuted_out = jax.tree.map(lambda a: jnp.take(a, perm, axis=1), out)
+    chex.assert_trees_all_close(permuted_out, out_p, rtol=1e-4, atol=1e-5)
     x = jax.random.normal(jax.random.key(7), (10, 4, 2))
     np.testing.assert_allclose(out.log_prob(x), out_p.log_prob(x), rtol=1e-5, atol=1e-5)
     # the output does depend on the prior (so the equality above is not vacuous) ...
@@ -127,9 +132,9 @@ def test_bad_input_gives_clear_errors_before_compiling(gmm_setup):
     model, params, apply, prior, obs = gmm_setup
     # shape errors come from tracing the jitted apply, i.e. before XLA compiles anything
     with pytest.raises(ModelInputError, match="dimension 3 but the model was built for dim=2"):
-        apply(params, dt_tasks.sample_gmm_meta_prior(jax.random.key(9), 4, 3, 3), obs)
+        apply(params, dt_tasks.GMMMetaPrior().sample(jax.random.key(9), 4, 3, 3), obs)
     with pytest.raises(ModelInputError, match="4 components"):
-        apply(params, dt_tasks.sample_gmm_meta_prior(jax.random.key(9), 4, 4, 2), obs)
+        apply(params, dt_tasks.GMMMetaPrior().sample(jax.random.key(9), 4, 4, 2), obs)
     with pytest.raises(ModelInputError, match="unknown observation source"):
         apply(params, prior, {"c": jnp.zeros((4, 1, 1))})
     with pytest.raises(ModelInputError, match="max_observations=3"):
@@ -152,9 +157,46 @@ def test_bad_input_gives_clear_errors_before_compiling(gmm_setup):
         model.apply(params, prior, {"a": jnp.full((4, 1, 1), jnp.nan)})
 
 
+def test_init_params_validates_first_and_gives_the_init_tree(gmm_setup):
+    """`init_params` is `model.init` compiled as one program: the same parameter tree (shapes and dtypes, from
+    abstract evaluation of the eager init), and concrete bad values still fail with `check_inputs`'s messages
+    (which a plain `jax.jit(model.init)` would trace past)."""
+    model, _, _, prior, obs = gmm_setup
+    params = init_params(model, jax.random.key(0), prior, obs)
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        params, jax.eval_shape(model.init, jax.random.key(0), prior, obs)
+    )
+    assert not np.allclose(
+        np.asarray(params["params"]["component_embedding"]["dense_0"]["kernel"]), 0
+    )
+    with pytest.raises(ModelInputError, match="must be finite"):
+        init_params(model, jax.random.key(0), prior, {"a": jnp.full((4, 1, 1), jnp.nan)})
+    bad_tril = prior.scale_tril.at[0, 0, 0, 0].set(-1.0)
+    with pytest.raises(GMMError, match="positive diagonal"):
+        init_params(model, jax.random.key(0), GMM(prior.logits, prior.means, bad_tril), obs)
+
+
+def test_training_does_not_import_numpyro_and_models_do_not_import_inference():
+    """Training a transformer needs jax, flax and optax only (numpyro is the baselines' dependency), and the
+    import direction is experiments -> inference -> models."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import theorax.models.distribution_transformer, theorax.models.gmm\n"
+        "assert not [m for m in sys.modules if m.startswith('theorax.inference')], sys.modules\n"
+        "import theorax.inference.distribution_transformer.training\n"
+        "import theorax.inference.distribution_transformer.filters\n"
+        "assert 'numpyro' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_train_step_is_a_pure_function_of_state_and_step():
     task = dt_tasks.GMMLinearGaussianTask()
-    model = DistributionTransformer(**dt_tasks.model_kwargs(task), **SMALL)
+    model = DistributionTransformer(**task.model_kwargs(), **SMALL)
     opt = dt_training.make_optimizer(1e-3, 10, 2)
     key = jax.random.key(0)
     step = dt_training.make_train_step(model, task, opt, batch_size=8, key=key)
@@ -163,15 +205,14 @@ def test_train_step_is_a_pure_function_of_state_and_step():
     s1, m1 = step(fresh(), 3)
     s2, m2 = step(fresh(), 3)
     np.testing.assert_array_equal(m1["loss"], m2["loss"])
-    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2), strict=True):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(s1, s2)
     _, m3 = step(fresh(), 4)
     assert float(m3["loss"]) != float(m1["loss"])
 
 
 def _train_task_a(num_steps, batch_size, lr, seed=0, **size):
     task = dt_tasks.GMMLinearGaussianTask()
-    model = DistributionTransformer(**dt_tasks.model_kwargs(task), **size)
+    model = DistributionTransformer(**task.model_kwargs(), **size)
     opt = dt_training.make_optimizer(lr, num_steps, num_steps // 10)
     key = jax.random.key(seed)
     state = dt_training.init_state(model, task, opt, key)
@@ -262,8 +303,7 @@ def test_posterior_fn_in_slices_equals_the_whole_batch(gmm_setup):
     whole = apply(params, prior, obs)
     for slices in (1, 3, 4, 9):  # uneven slices, one problem each, more slices than problems
         sliced = dt_training.make_posterior_fn(model, slices=slices)(params, prior, obs)
-        for a, b in zip(jax.tree.leaves(sliced), jax.tree.leaves(whole), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(sliced, whole, rtol=1e-5, atol=1e-6)
     one = jax.tree.map(lambda a: a[0], (prior, obs))
     single = dt_training.make_posterior_fn(model, slices=2)(params, *one)
     np.testing.assert_allclose(single.means, whole.means[0], rtol=1e-5, atol=1e-6)
@@ -274,7 +314,7 @@ def test_attention_equals_flax_multi_head_attention_with_the_same_parameters(num
     """`Attention` (fused projections, broadcast-sum core, the one-key shortcut) is Flax's
     MultiHeadDotProductAttention: the same parameter tree from the same key, and the same outputs for it."""
     import flax.linen as nn
-    from theorax.models.distribution_transformer.transformer import Attention
+    from theorax.models.distribution_transformer import Attention
 
     kx, km, kp, kn = jax.random.split(jax.random.key(3), 4)
     x = jax.random.normal(kx, (7, 5, 32))
@@ -283,9 +323,8 @@ def test_attention_equals_flax_multi_head_attention_with_the_same_parameters(num
     peer = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=32)
     params = ours.init(kp, x, memory)
     peer_params = peer.init(kp, x, x if memory is None else memory)
-    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, peer_params)
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(peer_params), strict=True):
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal_shapes_and_dtypes(params, peer_params)
+    chex.assert_trees_all_equal(params, peer_params)
     params = jax.tree.map(  # non-zero biases too
         lambda a: a + 0.1 * jax.random.normal(kn, a.shape), params
     )

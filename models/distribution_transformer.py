@@ -23,14 +23,30 @@ Prior Adaptation" (arXiv 2502.02463), Sec. 3; reference notes Sec. 2. The forwar
 
 `DistributionTransformer.apply(params, prior, observations)` returns the posterior `GMM`;
 `return_prior=True` also returns the decoded prior tokens (the prior-consistency term of the loss, Sec. 3.3).
+`init_params(model, key, prior, observations)` initialises the parameters as one compiled program (an eager
+`model.init` compiles each of the forward pass's small operations on its own: ~4.5 s on a 2-core CPU).
 Input is checked in plain Python before anything compiles: dimensions, number of components, unknown observation
 sources, more observation tokens than the model was built for, and (when concrete) malformed GMM parameters.
+
+The tasks the model is trained on (meta-priors, likelihoods, exact references) are inference problems and live in
+`theorax.inference.distribution_transformer.tasks`.
+
+Example:
+  >>> model = DistributionTransformer(dim=1, num_components=2, observation_dims={"z": 1}, d_model=8,
+  ...                                 num_heads=2, num_layers=1, dim_feedforward=8)
+  >>> prior = GMM.from_stddevs(jnp.zeros((3, 2)), jnp.zeros((3, 2, 1)), jnp.ones((3, 2, 1)))  # batch of 3
+  >>> observations = {"z": jnp.ones((3, 1, 1))}  # one observation of source "z" per problem
+  >>> params = init_params(model, jax.random.key(0), prior, observations)
+  >>> posterior = jax.jit(model.apply)(params, prior, observations)
+  >>> posterior.means.shape, bool(jnp.allclose(posterior.weights.sum(-1), 1.0))
+  ((3, 2, 1), True)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -148,14 +164,14 @@ class Attention(nn.Module):
             k, v = jnp.split(
                 memory @ jnp.concatenate([wk, wv], 1) + jnp.concatenate([bk, bv]), 2, -1
             )
-        split = lambda a: a.reshape(a.shape[:-1] + head)  # noqa: E731
-        q, k, v = split(q) / np.sqrt(d // h), split(k), split(v)
+        q, k, v = (einops.rearrange(a, "... (h c) -> ... h c", h=h) for a in (q, k, v))
+        q = q / np.sqrt(d // h)
         # [..., q, k, h]: broadcast products and sums, not batched dots (a few tokens per problem: XLA:CPU runs
         # these ~2.5x faster than thousands of 5x5 dot_generals)
         scores = (q[..., :, None, :, :] * k[..., None, :, :, :]).sum(-1)
         weights = jax.nn.softmax(scores, axis=-2)
         out = (weights[..., None] * v[..., None, :, :, :]).sum(-3)
-        return out.reshape(out.shape[:-2] + (d,)) @ wo + bo
+        return einops.rearrange(out, "... h c -> ... (h c)") @ wo + bo
 
 
 class DecoderLayer(nn.Module):
@@ -342,10 +358,23 @@ class DistributionTransformer(nn.Module):
         return posterior
 
 
+def init_params(model: DistributionTransformer, key: jax.Array, prior, observations):
+    """`model.init(key, prior, observations)` as one compiled program.
+
+    An eager `model.init` runs the forward pass op by op, and XLA compiles every distinct operation and shape
+    on its first use: for this model's many small operations that is ~4.5 s on a 2-core CPU (0.02 s once
+    they are cached), against about a second for the one program. The inputs are validated first, in
+    plain Python, so malformed values still fail with `check_inputs`'s message.
+    """
+    model.check_inputs(prior, observations)
+    return jax.jit(model.init)(key, prior, observations)
+
+
 __all__ = [
     "DistributionTransformer",
     "ModelInputError",
     "GMMError",
+    "init_params",
     "encode_components",
     "decode_components",
     "num_component_features",
