@@ -259,16 +259,12 @@ class Workdir:
     def savefig(self, fig, name: str) -> str:
         """Writes a `matplotlib.figure.Figure` as `name`.png (process 0 only); returns the path.
 
-        Draw on `Figure(...)` objects, not pyplot: nothing global is touched. A figure that pyplot does
-        manage is closed here, so that pyplot does not keep it.
+        Plots are drawn on `Figure(...)` objects, never through pyplot, so nothing global is touched (a
+        notebook's backend stays as it is) and nothing needs closing.
         """
         path = self.file(name if name.endswith(".png") else name + ".png")
         if self.is_main:
             fig.savefig(path, dpi=150, bbox_inches="tight")
-        if getattr(fig.canvas, "manager", None) is not None:
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
         return path
 
     def checkpointer(self, every_steps: int, max_to_keep: int = 2) -> Checkpointer:
