@@ -1,15 +1,78 @@
 """Wall-clock timing shared by the `experiments/bench_*.py` benchmarks.
 
-Every function calls what it times once first (compilation, warm caches) and expects each call to block on its
-result (`jax.block_until_ready`, or a torch call, which is synchronous on the CPU).
+Every timing function calls what it times once first (compilation, warm caches) and expects each call to block
+on its result (`jax.block_until_ready`, or a torch call, which is synchronous on the CPU).
+
+A timing taken while anything else runs is not a result: PyTorch's OpenMP threads collapse when the cores are
+shared, which once made a lead look 40x bigger than it was. So every bench starts with `machine(...)`, which
+reads the 1-minute load average and refuses to go on above `LOAD_LIMIT` unless the user says
+`--allow_loaded_machine`; the record it returns (load, CPU, cores, library versions, whether the figures were
+taken under load) goes into the bench's JSON beside its figures.
 """
 
 from __future__ import annotations
 
+import datetime
+import os
+import platform
 import time
 from collections.abc import Callable, Mapping
+from importlib import metadata
 
 import numpy as np
+
+LOAD_LIMIT = 0.5  # 1-minute load average above which a bench refuses to run unless allowed
+
+
+class LoadedMachineError(RuntimeError):
+    """The machine is busy, so timings taken now would not be results."""
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine(allow_loaded: bool = False, limit: float = LOAD_LIMIT) -> dict:
+    """The record of the machine a benchmark runs on, checked before anything is timed.
+
+    Raises `LoadedMachineError` when the 1-minute load average exceeds `limit` and `allow_loaded` is False;
+    with `allow_loaded`, the record says `"under_load": True` and every figure beside it must be read as taken
+    under load.
+    """
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    under_load = bool(load > limit)
+    if under_load and not allow_loaded:
+        raise LoadedMachineError(
+            f"the 1-minute load average is {load:.2f} (> {limit}): something else is running, and timings "
+            "taken now are not results. Stop it and rerun, or pass --allow_loaded_machine to measure anyway "
+            "(the JSON then marks every figure as taken under load)"
+        )
+    return {
+        "load_1min": load,
+        "load_limit": limit,
+        "under_load": under_load,
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": _version("jax"),
+        "jaxlib": _version("jaxlib"),
+        "torch": _version("torch"),
+        "when": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
 
 
 def time_calls(fn: Callable[[], object], repeats: int, calls: int = 1) -> dict[str, float]:

@@ -1,0 +1,25 @@
+"""The benchmarks' machine record: a busy machine is refused unless allowed, and then marked."""
+
+import pytest
+from theorax.experiments import timing
+
+
+def test_machine_refuses_a_loaded_machine_unless_allowed(monkeypatch):
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (1.7, 1.0, 0.5))
+    with pytest.raises(
+        timing.LoadedMachineError, match=r"load average is 1.70 .*--allow_loaded_machine"
+    ):
+        timing.machine()
+    record = timing.machine(allow_loaded=True)
+    assert record["under_load"] and record["load_1min"] == 1.7
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (0.2, 1.0, 0.5))
+    record = timing.machine()
+    assert not record["under_load"] and record["cpu_count"] >= 1 and record["jax"]
+
+
+def test_interleaved_times_every_peer_in_alternating_order(monkeypatch):
+    monkeypatch.setattr(timing.time, "sleep", lambda s: None)
+    calls = []
+    out = timing.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B, B A, A B
+    assert set(out) == {"a", "b"} and all(v["min_s"] <= v["median_s"] for v in out.values())
