@@ -1,6 +1,7 @@
 """Cluster forms of `experiments.sweep`: the SLURM array script's text (resources, logs, multi-host srun) and
 what it runs when bash executes it with SLURM_ARRAY_TASK_ID set by hand (with srun faked, and once for real),
-the TPU VM's gcloud commands, and bad resource values refused with the flag's name."""
+the TPU VM's gcloud commands, bad resource values refused with the flag's name, and the processes those launch
+starting `jax.distributed` from the cluster's environment."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import pytest
 from theorax.experiments import runtime, sweep
 
@@ -254,3 +256,24 @@ def test_command_line_passes_every_resource_flag(tmp_path, config_spec):
     ]
     assert (tmp_path / "o").is_dir() and (tmp_path / "e").is_dir()
     assert "srun --kill-on-bad-exit=1 " in script.read_text()
+
+
+@pytest.mark.parametrize(
+    "env, started",
+    [
+        ({}, False),
+        ({"SLURM_NTASKS": "1"}, False),  # a one-task point: a plain process
+        ({"SLURM_NTASKS": "8"}, True),  # a multi-task point under srun
+        ({"THEORAX_DISTRIBUTED": "auto"}, True),  # the TPU VM form
+    ],
+)
+def test_processes_start_jax_distributed_from_the_cluster_environment(monkeypatch, env, started):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)
+    for name in ("SLURM_NTASKS", "THEORAX_DISTRIBUTED", "THEORAX_COORDINATOR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    runtime.initialize_distributed()
+    assert calls == ([((), {})] if started else [])  # no arguments: JAX's cluster detection
