@@ -7,7 +7,7 @@ EXTRAS ?= dev
 # Large XLA buffers on transparent huge pages (see experiments/runtime.py: use_huge_pages).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: demo test test-slow test-interop bench lint format clean
+.PHONY: demo test test-slow test-interop bench lint format clean device-wheels
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# The pure-Python wheels the accelerator machine lacks (experiments/device_check.py says how they travel there).
+DEVICE_WHEELS ?= ml-collections==1.1.0 tensorboardX==2.6.5
+device-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(DEVICE_WHEELS)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -59,18 +59,33 @@ def define_flags() -> None:
     flags.DEFINE_bool("torch", defaults.torch, "Also time the PyTorch peers.")
 
 
-def matmul_rate(n: int = 2048) -> dict:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def torch_sync(device: str) -> None:
+    """Waits for torch's queued work on `device` (CUDA runs asynchronously; the CPU does not)."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(n: int = 2048, dtype: str = "float32", torch_device: str | None = "cpu") -> dict:
+    """FLOP/s of an n x n x n matmul in `dtype`, best of 3 repeats of 5: {"jax": ..., "torch": ...} (torch on
+    `torch_device` where it is installed; None leaves it out)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     mm = jax.jit(lambda a: a @ a)
     t = timing.time_calls(lambda: mm(a).block_until_ready(), 3, 5)["min_s"]
     rates = {"jax": 2 * n**3 / t}
     try:
         import torch
-
-        x = torch.randn(n, n)
-        rates["torch"] = 2 * n**3 / timing.time_calls(lambda: x @ x, 3, 5)["min_s"]
     except ImportError:
-        pass
+        return rates
+    if torch_device is not None:
+        x = torch.randn(n, n, dtype=getattr(torch, dtype), device=torch_device)
+
+        def torch_mm():
+            x @ x
+            torch_sync(torch_device)
+
+        rates["torch"] = 2 * n**3 / timing.time_calls(torch_mm, 3, 5)["min_s"]
     return rates
 
 
@@ -98,19 +113,26 @@ def step_dots_time(
     ]
 
 
-def jax_step_time(
-    settings: Settings, model, params, images, labels, augment: bool
-) -> tuple[float, float]:
-    """(best seconds per step, minor page faults per step) of our jitted step."""
+def recipe_step(model, res: int, augment: bool, key: jax.Array | None = None):
+    """The bench's training step: the full recipe (crops, flips, mixup 0.8, label smoothing 0.3, Lion 5e-5), or
+    the same without augmentation. Returns (jitted step, optimizer)."""
     recipe = recipe_lib.Recipe(
-        res=settings.res,
+        res=res,
         mean=(0.5,) * 3,
         std=(0.25,) * 3,
         augment=augment,
         mixup_alpha=0.8 if augment else 0.0,
     )
     optimizer = recipe_lib.make_optimizer(recipe_lib.OptimizerConfig("lion"), 5e-5)
-    step = recipe_lib.make_train_step(model, optimizer, recipe, jax.random.key(1))
+    key = jax.random.key(1) if key is None else key
+    return recipe_lib.make_train_step(model, optimizer, recipe, key), optimizer
+
+
+def jax_step_time(
+    settings: Settings, model, params, images, labels, augment: bool
+) -> tuple[float, float]:
+    """(best seconds per step, minor page faults per step) of our jitted step."""
+    step, optimizer = recipe_step(model, settings.res, augment)
     state = {"params": params, "opt_state": optimizer.init(params)}
     state = jax.tree.map(jnp.copy, state)
     holder = {"state": state, "i": 0}
@@ -128,31 +150,53 @@ def jax_step_time(
 
 
 def torch_step_times(
-    settings: Settings, depth, width, expansion, num_classes, images, labels
+    settings: Settings,
+    depth,
+    width,
+    expansion,
+    num_classes,
+    images,
+    labels,
+    *,
+    device: str = "cpu",
+    bf16: bool = False,
+    modes=("eager", "compile"),
 ) -> dict:
+    """The same model and optimiser in PyTorch on `device` (eager and/or torch.compile), fed augmented
+    batches; with `bf16`, the forward pass and loss under bfloat16 autocast (parameters and Lion in float32,
+    as our bfloat16 compute). Keys `torch_{mode}_step_s`, `torch_{mode}_first_call_s` or `torch_{mode}_error`."""
     import torch
     from theorax.experiments.torch_peers import TorchBottleneckMLP, TorchLion
 
     torch.manual_seed(0)
     x = torch.from_numpy(np.asarray(images, np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(np.asarray(labels, np.int64))
+    x, y = x.to(device), torch.from_numpy(np.asarray(labels, np.int64)).to(device)
+    device_type = device.split(":")[0]
     out = {}
-    for mode in ("eager", "compile"):
+    for mode in modes:
         model = TorchBottleneckMLP(3 * settings.res**2, width, depth, num_classes, expansion)
+        model = model.to(device)
         opt = TorchLion(model.parameters(), lr=5e-5)
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.3)
 
         def train_step(model=model, opt=opt, loss_fn=loss_fn):
             lam = 0.7
-            xm = lam * x + (1 - lam) * torch.roll(x, 1, 0)
-            logits = model(xm)
-            loss = lam * loss_fn(logits, y) + (1 - lam) * loss_fn(logits, torch.roll(y, 1, 0))
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                xm = lam * x + (1 - lam) * torch.roll(x, 1, 0)
+                logits = model(xm)
+                loss = lam * loss_fn(logits, y) + (1 - lam) * loss_fn(logits, torch.roll(y, 1, 0))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             return loss
 
-        fn = torch.compile(train_step) if mode == "compile" else train_step
+        compiled = torch.compile(train_step) if mode == "compile" else train_step
+
+        def fn(compiled=compiled):
+            loss = compiled()
+            torch_sync(device)
+            return loss
+
         try:
             start = time.perf_counter()
             fn()

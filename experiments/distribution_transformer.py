@@ -28,6 +28,7 @@ import functools
 import math
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -174,8 +175,9 @@ def build(c) -> tuple:
 # ------------------------------------------------------------------------------------------ training
 
 
-def train(c, task, model, wd: runtime.Workdir, desc: str):
-    """Trains through `runtime.train` (resumable); returns (params, train seconds this session)."""
+def training_setup(c, task, model) -> tuple[dict, Callable]:
+    """An entry's initial train state and its jitted `step_fn(state, step)` (state donated), the batch split
+    over every device when it divides evenly (parameters replicated)."""
     t = c.train
     optimizer = dt_training.make_optimizer(
         t.learning_rate, t.num_steps, t.warmup_steps, t.weight_decay
@@ -208,6 +210,13 @@ def train(c, task, model, wd: runtime.Workdir, desc: str):
         feedback=feedback,
         compiler_options=compiler_options(),
     )
+    return state, step
+
+
+def train(c, task, model, wd: runtime.Workdir, desc: str):
+    """Trains through `runtime.train` (resumable); returns (params, train seconds this session)."""
+    t = c.train
+    state, step = training_setup(c, task, model)
     start = time.perf_counter()
     state = runtime.train(
         wd,
