@@ -987,9 +987,10 @@ class Checkpointer:
 class _StopSignals:
     """SIGTERM and SIGINT as a request to stop after the step in flight, at a step every process agrees on.
 
-    A handler (installed from the main thread for the duration of the loop) records the first signal; a second
-    one takes effect at once, through the handler that was in place before. One process stops after the step
-    in flight. Several processes agree through a small collective: after each step, the maximum over
+    A handler (installed from the main thread for the duration of the loop) records the first signal and
+    ignores the ones after it, so that a scheduler or launcher that signals twice (to the process and to its
+    parent, say) does not cut the save short; SIGKILL (or Ctrl-\\ in a terminal) stops at once. One process
+    stops after the step in flight. Several processes agree through a small collective: after each step, the maximum over
     processes of "a signal arrived here" is dispatched asynchronously and read one step later, when that step
     has finished anyway (its metrics are read then), so every process sees the same verdict after the same
     step at no extra synchronisation, and all save that step together.
@@ -1016,11 +1017,8 @@ class _StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            self.uninstall()
-            signal.raise_signal(signum)
-            return
-        self.received = signal.Signals(signum).name
+        if self.received is None:
+            self.received = signal.Signals(signum).name
 
     def should_stop(self) -> bool:
         """Whether every process stops after the step just dispatched (called once per step on each)."""
@@ -1077,7 +1075,8 @@ def train(
     metrics.jsonl past it. SIGTERM or SIGINT during the loop stops it after the step in flight: that step's
     metrics are checked and logged, its checkpoint saved (every process of a multi-host run stops at the same
     step), and `Preempted` is raised; the entry point prints one line and exits with status 75, and rerunning
-    the same command continues from that step with no step lost. A second signal acts at once.
+    the same command continues from that step with no step lost. Signals after the first are ignored until
+    then (SIGKILL stops at once).
 
     Args:
       workdir: the run's `Workdir`; checkpoints go to `workdir/checkpoints`.
@@ -1202,7 +1201,11 @@ def use_huge_pages() -> None:
 
 
 def _stop_outside_the_loop(signum, frame) -> None:
-    """The entry point's SIGTERM handler outside `train`: unwinds (releasing the workdir) as Ctrl-C does."""
+    """The entry point's SIGTERM handler outside `train`: unwinds (releasing the workdir) as Ctrl-C does.
+
+    Once: a second SIGTERM must not cut the unwinding short.
+    """
+    signal.signal(signum, signal.SIG_IGN)
     raise Preempted(
         f"stopped by {signal.Signals(signum).name} outside the training loop (its checkpoints are kept): "
         "rerun the same command to continue",

@@ -16,12 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
 import numpy as np
 import pytest
-from theorax.experiments import runtime
+from theorax.experiments import runtime, sweep
 from theorax.tests import runtime_job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,11 +140,11 @@ def test_sigint_in_process_saves_then_raises_preempted(tmp_path):
     c = config(num_steps=20, checkpoint_every=5)
     step = runtime_job.make_step(c)
 
-    def interrupted_at(t_signal, times=1):
+    def interrupted_at(t_signal, signals=(signal.SIGINT,)):
         def step_fn(state, t):
             if t == t_signal:
-                for _ in range(times):
-                    os.kill(os.getpid(), signal.SIGINT)
+                for sig in signals:
+                    os.kill(os.getpid(), sig)
                     time.sleep(0.01)  # the handler runs here, once per signal
             return step(state, np.int32(t))
 
@@ -160,12 +161,38 @@ def test_sigint_in_process_saves_then_raises_preempted(tmp_path):
     assert step_restored == 8
     np.testing.assert_array_equal(restored["w"], runtime_job.weights_after(c, 8))
 
-    # A second signal while stopping acts at once: Ctrl-C twice is a KeyboardInterrupt, nothing saved.
-    with pytest.raises(KeyboardInterrupt):
-        runtime.train(wd, state, interrupted_at(11, times=2), num_steps=20, checkpoint_every=5)
-    assert wd.checkpointer(5).latest_step == 10
+    # Signals after the first are ignored while it stops (a launcher forwarding the scheduler's SIGTERM,
+    # Ctrl-C pressed twice): the save is not cut short. The rerun resumes from step 12.
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGINT)
+    with pytest.raises(
+        runtime.Preempted, match="stopped by SIGINT: saved the checkpoint of step 12"
+    ):
+        runtime.train(wd, state, interrupted_at(11, signals), num_steps=20, checkpoint_every=5)
     final = train(tmp_path, c)
     np.testing.assert_array_equal(final["w"], runtime_job.weights_after(c, 20))
+
+
+# A point of a sweep: exits 75 on SIGTERM as runtime.train does, once it has told the test it is ready.
+POINT = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))
+signal.signal(signal.SIGINT, lambda *a: None)
+open(sys.argv[1], "w").close()
+time.sleep(600)
+"""
+
+
+def test_sweep_passes_a_signal_on_to_the_running_point_and_waits_for_it(tmp_path):
+    ready = tmp_path / "ready"
+
+    def interrupt_when_ready():
+        while not ready.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C to the sweep
+
+    threading.Thread(target=interrupt_when_ready, daemon=True).start()
+    assert sweep.run_point([sys.executable, "-c", POINT, str(ready)]) == runtime.EXIT_PREEMPTED
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def free_port():
