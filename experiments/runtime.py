@@ -40,6 +40,7 @@ metrics.jsonl is dropped on resume, and lines past the restored step are removed
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -997,8 +998,8 @@ class _StopSignals:
 
     (JAX's own preemption service, `multihost_utils.reached_preemption_sync_point`, works with the CPU/gloo
     set-up too, but watches SIGTERM alone, loses a notice that arrives before a resumed run's first call, and
-    shares its step counter with orbax's own calls inside `CheckpointManager.save`; this handler replaces its
-    C-level SIGTERM handler while the loop runs.)
+    shares its step counter with orbax's own calls inside `CheckpointManager.save`; the entry point and this
+    handler replace its C-level SIGTERM handler.)
     """
 
     def __init__(self):
@@ -1213,6 +1214,26 @@ def _stop_outside_the_loop(signum, frame) -> None:
     )
 
 
+@contextlib.contextmanager
+def exit_status_on_errors():
+    """Turns the runtime's errors into one line on stderr and the exit status `main` documents (2 or 75)."""
+    try:
+        yield
+    except (ConfigError, NonFiniteError, WorkdirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    except KeyboardInterrupt:
+        print(
+            "stopped by SIGINT outside the training loop (its checkpoints are kept): rerun the same "
+            "command to continue",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_PREEMPTED)
+
+
 def main(run: Callable[[Any, str], Mapping[str, Any]]) -> None:
     """The absl entry point of `experiments/<system>.py`: flags, multi-host start-up, clear errors.
 
@@ -1247,7 +1268,7 @@ def main(run: Callable[[Any, str], Mapping[str, Any]]) -> None:
         initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _stop_outside_the_loop)
-        try:
+        with exit_status_on_errors():
             if FLAGS.fresh:
                 error = None
                 if is_main_process():
@@ -1257,19 +1278,6 @@ def main(run: Callable[[Any, str], Mapping[str, Any]]) -> None:
                         error = e
                 _agree(error, f"to move {FLAGS.workdir} aside")
             results = run(FLAGS.config, FLAGS.workdir)
-        except (ConfigError, NonFiniteError, WorkdirError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(EXIT_ERROR)
-        except Preempted as e:
-            print(e, file=sys.stderr)
-            sys.exit(EXIT_PREEMPTED)
-        except KeyboardInterrupt:
-            print(
-                "stopped by SIGINT outside the training loop (its checkpoints are kept): rerun the same "
-                "command to continue",
-                file=sys.stderr,
-            )
-            sys.exit(EXIT_PREEMPTED)
         if is_main_process() and results is not None:
             print(json.dumps(_jsonable(dict(results)), indent=1, sort_keys=True)[:4000])
 

@@ -181,16 +181,14 @@ def define_flags() -> None:
 def main(argv):
     del argv
     try:
-        run_sweep(
-            FLAGS.config,
-            FLAGS.workdir,
-            print_commands=FLAGS.print_commands,
-            slurm_array=FLAGS.slurm_array,
-            gather_only=FLAGS.gather_only,
-        )
-    except runtime.Preempted as e:
-        print(e, file=sys.stderr)
-        sys.exit(runtime.EXIT_PREEMPTED)
+        with runtime.exit_status_on_errors():
+            run_sweep(
+                FLAGS.config,
+                FLAGS.workdir,
+                print_commands=FLAGS.print_commands,
+                slurm_array=FLAGS.slurm_array,
+                gather_only=FLAGS.gather_only,
+            )
     except subprocess.CalledProcessError as e:
         print(
             f"error: a point exited with status {e.returncode} (its message is above)",

@@ -134,6 +134,12 @@ def test_sigterm_saves_the_step_in_flight_and_the_rerun_loses_none(tmp_path):
     (line,) = [line for line in err.splitlines() if line.strip()]
     assert line.startswith("error: ") and "lr: 0.05 there, 0.1 now" in line and "--fresh" in line
     assert snapshot(workdir) == before
+    # ... unless asked to start afresh: the old run moves aside whole, and the new one runs from step 0.
+    code, err = finish(command(workdir, "--fresh", "--config.lr=0.1", "--config.num_steps=5"))
+    assert code == 0, err[-3000:]
+    (old,) = glob.glob(f"{workdir}.old-*")
+    assert snapshot(old) == {p.replace(str(workdir), old): v for p, v in before.items()}
+    assert steps_logged(workdir) == [1, 2, 3, 4, 5]
 
 
 def test_sigint_in_process_saves_then_raises_preempted(tmp_path):
@@ -168,7 +174,18 @@ def test_sigint_in_process_saves_then_raises_preempted(tmp_path):
         runtime.Preempted, match="stopped by SIGINT: saved the checkpoint of step 12"
     ):
         runtime.train(wd, state, interrupted_at(11, signals), num_steps=20, checkpoint_every=5)
-    final = train(tmp_path, c)
+
+    # A signal after the last step (here during the evaluation at the final checkpoint) still stops the run.
+    def evaluate(t, state):
+        if t == 20:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+
+    with pytest.raises(
+        runtime.Preempted, match="stopped by SIGTERM: saved the checkpoint of step 20"
+    ):
+        train(tmp_path, c, on_checkpoint=evaluate)
+    final = train(tmp_path, c)  # restores step 20; nothing left to run
     np.testing.assert_array_equal(final["w"], runtime_job.weights_after(c, 20))
 
 
