@@ -61,12 +61,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-EXIT_ERROR = (
-    2  # the run stopped on an error its one-line message names (config, non-finite loss, workdir)
-)
-EXIT_PREEMPTED = (
-    75  # stopped by SIGTERM / SIGINT after saving a checkpoint (sysexits' EX_TEMPFAIL): rerun
-)
+# Exit statuses of the entry points. 2: the run stopped on an error its one-line message names (config,
+# non-finite loss, workdir). 75 (sysexits' EX_TEMPFAIL): stopped by SIGTERM / SIGINT, rerun to continue.
+EXIT_ERROR = 2
+EXIT_PREEMPTED = 75
 
 # --------------------------------------------------------------------------------------------- errors
 
@@ -966,8 +964,8 @@ class Checkpointer:
             )
             raise CheckpointError(
                 f"saving the checkpoint of step {step} to {self.directory} failed ({_reason(e)}). A checkpoint of "
-                f"this state needs about {_size(nbytes)} (its arrays, before compression); "
-                f"{_free_space(self.directory)} are free there. {kept}"
+                f"this state needs about {_size(nbytes)} (its arrays, before compression; older ones are deleted "
+                f"only once it is committed), and {_free_space(self.directory)} are free there. {kept}"
             ) from e
 
     def _remove_partial(self, step: int) -> None:

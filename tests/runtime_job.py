@@ -95,6 +95,7 @@ def run(config, workdir: str) -> dict:
         log_every=config.log_every,
         on_checkpoint=on_checkpoint,
     )
+    wd.close()
     return wd.write_results({"w": np.asarray(state["w"]).tolist()})
 
 
