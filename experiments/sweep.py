@@ -12,7 +12,8 @@ r"""Runs every point of a config's `get_sweep()` and gathers their results into 
 `get_sweep(arg)` (or `get_sweep()`) in the config file returns a list of override dicts, e.g.
 `[{"model.width": 128, "seed": 0}, ...]`. Each point runs as its own process in `DIR/<point name>/` with the
 overrides passed as `--config.key=value` flags, one after another; a finished point is skipped and an
-interrupted one resumes, so rerunning the sweep is safe. Afterwards every point's `results.json` is gathered into
+interrupted one resumes, so rerunning the sweep is safe: SIGTERM or SIGINT to the sweep reaches the running point,
+which saves its step, and the sweep stops with status 75 (`runtime.EXIT_PREEMPTED`). Afterwards every point's `results.json` is gathered into
 `DIR/sweep.json` and `DIR/sweep.md`, and the system's `summarize_sweep(rows, workdir)` hook, if it has one (the
 scaling-law fit of the scaled MLPs, say), runs over them. From Python the same is
 `run_sweep(config_spec, workdir)`; the flags exist only when this module runs as a script.
@@ -45,8 +46,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 
 from absl import app, flags
 from theorax.experiments import runtime
@@ -265,6 +268,27 @@ def slurm_array_script(
     return "\n".join(lines)
 
 
+def run_point(cmd: list[str]) -> int:
+    """Runs one point's command and returns its exit status.
+
+    SIGTERM or SIGINT to the sweep is passed on to the point as SIGTERM and the sweep waits for it, so the point
+    saves the step in flight and exits with `runtime.EXIT_PREEMPTED` (a point signalled twice, by the terminal
+    and by this forwarding, ignores the second).
+    """
+    proc = subprocess.Popen(cmd)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(
+                sig, lambda signum, frame: proc.send_signal(signal.SIGTERM)
+            )
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 # ------------------------------------------------------------------------------------------- TPU VMs
 
 
@@ -350,8 +374,16 @@ def run_sweep(
         for i, (overrides, cmd) in enumerate(zip(points, commands, strict=True)):
             done = os.path.exists(os.path.join(workdir, point_name(overrides), "results.json"))
             print(f"[{i + 1}/{len(points)}] {point_name(overrides)}" + (" (done)" if done else ""))
-            if not done:
-                subprocess.run(cmd, check=True)
+            if done:
+                continue
+            status = run_point(cmd)
+            if status == runtime.EXIT_PREEMPTED:
+                raise runtime.Preempted(
+                    f"the sweep stopped at point {point_name(overrides)} (its checkpoint is saved); "
+                    "rerun the sweep to continue"
+                )
+            if status:
+                raise subprocess.CalledProcessError(status, cmd)
     return gather(system, workdir, points)
 
 
@@ -402,24 +434,32 @@ def main(argv):
         values = {
             f.name: FLAGS[f"slurm_{f.name}"].value for f in dataclasses.fields(SlurmResources)
         }
-        slurm = SlurmResources(**{**values, "extra": tuple(values["extra"])})
-        tpu = None
-        if FLAGS.tpu_name is not None:
-            tpu = TpuVm(
-                FLAGS.tpu_name, FLAGS.tpu_zone, FLAGS.tpu_project, FLAGS.tpu_dir, FLAGS.tpu_python
+        with runtime.exit_status_on_errors():
+            slurm = SlurmResources(**{**values, "extra": tuple(values["extra"])})
+            tpu = None
+            if FLAGS.tpu_name is not None:
+                tpu = TpuVm(
+                    FLAGS.tpu_name,
+                    FLAGS.tpu_zone,
+                    FLAGS.tpu_project,
+                    FLAGS.tpu_dir,
+                    FLAGS.tpu_python,
+                )
+            run_sweep(
+                FLAGS.config,
+                FLAGS.workdir,
+                print_commands=FLAGS.print_commands,
+                slurm_array=FLAGS.slurm_array,
+                gather_only=FLAGS.gather_only,
+                slurm=slurm,
+                tpu=tpu,
             )
-    except runtime.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    run_sweep(
-        FLAGS.config,
-        FLAGS.workdir,
-        print_commands=FLAGS.print_commands,
-        slurm_array=FLAGS.slurm_array,
-        gather_only=FLAGS.gather_only,
-        slurm=slurm,
-        tpu=tpu,
-    )
+    except subprocess.CalledProcessError as e:
+        print(
+            f"error: a point exited with status {e.returncode} (its message is above)",
+            file=sys.stderr,
+        )
+        sys.exit(runtime.EXIT_ERROR)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The experiment runtime end to end: resume after SIGKILL, device/process-count invariance, non-finite
-losses, config errors, finished runs, sweeps. Entry points run as real subprocesses where that matters."""
+losses, config errors, finished runs, sweeps. Entry points run as real subprocesses where that matters.
+The other faults (signals, corrupted checkpoints, full disks, two writers, torn metrics, changed configs) are in
+test_runtime_faults.py."""
 
 import json
 import os
@@ -73,17 +75,21 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     manager = runtime.Checkpointer(str(ckpts), every_steps=10)
     assert manager.latest_step is not None and manager.latest_step % 10 == 0
     manager.close()
-    launch(killed, *steps)  # the same command resumes
+    # The killed run's lock is left behind; the rerun takes it over (its owner is dead) with a warning.
+    assert json.load(open(killed / runtime.LOCK_NAME))["pid"] == proc.pid
+    _, err = launch(killed, *steps)  # the same command resumes
+    assert f"taking over the stale lock {killed / runtime.LOCK_NAME} of pid {proc.pid}" in err
     chex.assert_trees_all_close(params(killed), params(tmp_path / "full"), rtol=0, atol=0)
     rows = [json.loads(line) for line in open(killed / "metrics.jsonl")]
     logged = [r["step"] for r in rows if "loss" in r]
     assert logged == sorted(set(logged)), "metrics past the resumed checkpoint were not dropped"
 
-    # A finished run is not redone: results.json stays as it was.
+    # A finished run is not redone: results.json stays as it was (the config must be the run's own; another
+    # one is refused, test_runtime_faults.py).
     before = os.path.getmtime(tmp_path / "full" / "results.json")
-    results = scaled_mlp_experiment.run(
-        scaled_mlp_config.get_config("smoke"), str(tmp_path / "full")
-    )
+    config = scaled_mlp_config.get_config("smoke")
+    config.num_steps, config.checkpoint_every = 40, 10
+    results = scaled_mlp_experiment.run(config, str(tmp_path / "full"))
     assert os.path.getmtime(tmp_path / "full" / "results.json") == before
     assert results == json.load(open(tmp_path / "full" / "results.json"))
 
