@@ -16,7 +16,7 @@ import datetime
 import os
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 
 import numpy as np
@@ -108,3 +108,22 @@ def interleaved(
     return {
         k: {"min_s": float(np.min(v)), "median_s": float(np.median(v))} for k, v in times.items()
     }
+
+
+def matmuls_alone(shapes: Sequence[tuple[int, int, int]], seed: int = 0) -> Callable[[], object]:
+    """A call that runs the float32 matrix products (m, k) @ (k, n) of `shapes` in one jit and nothing else:
+    the floor of a workload made of those products (a benchmark times it beside the workload).
+
+    Operands are random and already in the row-major layout the matmul library wants; each product is summed
+    to a scalar so that none can be dropped (the sums are a small fraction of the products' cost).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.key(seed), 2 * len(shapes))
+    operands = [
+        (jax.random.normal(k1, (m, k)), jax.random.normal(k2, (k, n)))
+        for (m, k, n), k1, k2 in zip(shapes, keys[::2], keys[1::2], strict=True)
+    ]
+    products = jax.jit(lambda ops: [jnp.sum(a @ w) for a, w in ops])
+    return lambda: jax.block_until_ready(products(operands))
