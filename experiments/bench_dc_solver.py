@@ -27,8 +27,6 @@ compilation) and warm. Writes `OUT/dc_solver.json` and prints a table.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
@@ -139,18 +137,22 @@ def scaling(eps_fn, schedule, mixture, points, nfe: int, cfg: float, ratios, rep
             ratios=ratios,
             guidance=dcs.Guidance(y, cfg),
         )
-        memory = dcs.lower_sample(eps_fn, x, schedule, **kw).compile().memory_analysis()
+        lower = getattr(dcs, "lower_sample", None)  # absent before issue 12 (its "before" figures)
+        memory = lower(eps_fn, x, schedule, **kw).compile().memory_analysis() if lower else None
         t = timing.time_calls(
             lambda x=x, kw=kw: dcs.sample(eps_fn, x, schedule, **kw).block_until_ready(),
             max(3, repeats // 5),
         )
         fields = ("argument", "output", "temp", "alias", "generated_code")
-        mem = {f"{k}_bytes": int(getattr(memory, f"{k}_size_in_bytes")) for k in fields}
+        mem = {
+            f"{k}_bytes": int(getattr(memory, f"{k}_size_in_bytes")) if memory else None
+            for k in fields
+        }
         out[str(n)] = {
             **t,
             **mem,
             "seconds_per_point": t["median_s"] / n,
-            "temp_bytes_per_point": mem["temp_bytes"] / n,
+            "temp_bytes_per_point": mem["temp_bytes"] / n if memory else None,
         }
     return out
 
@@ -254,12 +256,7 @@ def main(argv):
         5,
     )
 
-    os.makedirs(FLAGS.out, exist_ok=True)
-    path = os.path.join(FLAGS.out, "dc_solver.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    print("\n" + "\n".join(table(results)))
-    print(f"wrote {path}")
+    timing.write_results(FLAGS.out, "dc_solver.json", results, table(results))
 
 
 def table(r: dict) -> list[str]:
@@ -297,10 +294,15 @@ def table(r: dict) -> list[str]:
         )
     lines.append("  our DC-Solver by batch size (time, compiled memory):")
     for n, s in r["scaling_dc"].items():
+        memory = (
+            f"temp {s['temp_bytes'] / 2**20:7.1f} MiB ({s['temp_bytes_per_point']:.0f} B per point), "
+            f"arguments {s['argument_bytes'] / 2**20:.1f} MiB"
+            if s["temp_bytes"] is not None
+            else "memory n/a (no lower_sample in this version)"
+        )
         lines.append(
             f"    {int(n):>7,d} points {1e3 * s['median_s']:9.2f} ms ({1e9 * s['seconds_per_point']:.0f} ns "
-            f"per point), temp {s['temp_bytes'] / 2**20:7.1f} MiB ({s['temp_bytes_per_point']:.0f} B per "
-            f"point), arguments {s['argument_bytes'] / 2**20:.1f} MiB"
+            f"per point), {memory}"
         )
     lines.append(
         f"  ratio search NFE {r['nfe']}: cold (with compile) {r['search_cold_s']:.2f} s "

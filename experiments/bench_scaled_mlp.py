@@ -19,6 +19,10 @@ per measurement, min and median over `--repeats` rounds):
   (the same crops, flips and mixup, on the uint8 batch, inside the timed step), loss and metrics in PyTorch
   (`experiments.torch_peers.TorchTrainStep`).
 
+With `--profile`, the tuned step is also traced (`jax.profiler`, `timing.thunk_profile`) and its time split by
+phase (forward, backward, augmentation, update and metrics) into matrix products (with the epilogues XLA fuses
+into them) and the rest, with the slowest instructions that are not matrix products.
+
 Training FLOPs per image are 6 x forward MACs (forward 2, backward 4). Also records the machine's square-matmul
 rate in JAX and torch and our step's minor page faults (see `runtime.use_huge_pages`). Writes
 `OUT/scaled_mlp.json`. From Python: `benchmark(Settings(...))`; the flags exist only when this module runs as a
@@ -28,7 +32,6 @@ script.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import resource
 import time
@@ -38,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from theorax.experiments import runtime, timing
-from theorax.experiments.scaled_mlp import cpu_tuning
+from theorax.experiments import scaled_mlp as scaled_mlp_experiment
 from theorax.inference.scaled_mlp import training as recipe_lib
 from theorax.models.scaled_mlp import ScaledMLP, forward_flops, parse_architecture
 
@@ -55,6 +58,7 @@ class Settings:
     allow_loaded_machine: bool = (
         False  # measure even when the 1-minute load is above timing.LOAD_LIMIT
     )
+    profile: bool = False  # also profile the tuned step: where its time goes, by phase
 
 
 FLAGS = flags.FLAGS
@@ -73,6 +77,11 @@ def define_flags() -> None:
         "allow_loaded_machine",
         defaults.allow_loaded_machine,
         "Measure even on a busy machine (every figure is then marked as taken under load).",
+    )
+    flags.DEFINE_bool(
+        "profile",
+        defaults.profile,
+        "Also profile the tuned step (jax.profiler): its time by phase, matmuls and the rest.",
     )
 
 
@@ -105,8 +114,16 @@ def step_matmul_shapes(
     return shapes
 
 
+def _cpu_tuning() -> dict:
+    """The experiment's `cpu_tuning()`; no options with code older than it (this bench also runs on the base
+    commit of issue 12, for its "before" figures, where the tuned and default steps are then the same)."""
+    tuning = getattr(scaled_mlp_experiment, "cpu_tuning", None)
+    return tuning() if tuning is not None else {"compiler_options": None}
+
+
 def jax_step(model, params, images, labels, res: int, augment: bool, compiler_options):
     """A call that runs one step of our jitted train step (state carried from call to call)."""
+    tuned = {"compiler_options": compiler_options} if compiler_options else {}
     recipe = recipe_lib.Recipe(
         res=res,
         mean=(0.5,) * 3,
@@ -115,9 +132,7 @@ def jax_step(model, params, images, labels, res: int, augment: bool, compiler_op
         mixup_alpha=0.8 if augment else 0.0,
     )
     optimizer = recipe_lib.make_optimizer(recipe_lib.OptimizerConfig("lion"), 5e-5)
-    step = recipe_lib.make_train_step(
-        model, optimizer, recipe, jax.random.key(1), compiler_options=compiler_options
-    )
+    step = recipe_lib.make_train_step(model, optimizer, recipe, jax.random.key(1), **tuned)
     state = jax.tree.map(jnp.copy, {"params": params, "opt_state": optimizer.init(params)})
     holder = {"state": state, "i": 0}
 
@@ -126,7 +141,45 @@ def jax_step(model, params, images, labels, res: int, augment: bool, compiler_op
         holder["i"] += 1
         m["loss"].block_until_ready()
 
+    one.hlo_text = lambda: (
+        step.lower(holder["state"], images, labels, np.int32(0)).compile().as_text()
+    )
     return one
+
+
+_AUGMENTATION_SCOPES = (
+    "train_inputs",
+    "vmap(",
+    "_uniform",
+    "_beta",
+    "_gamma",
+    "_bernoulli",
+    "threefry",
+)
+
+
+def _phase(op_name: str) -> str:
+    """The part of the train step an instruction belongs to, from its JAX source (HLO op_name metadata)."""
+    if "transpose(jvp(" in op_name:
+        return "backward"
+    if "jvp(" in op_name:
+        return "forward"
+    if any(scope in op_name for scope in _AUGMENTATION_SCOPES):
+        return "augmentation"
+    return "update and metrics"  # Lion, the gradient norm, the loss's reductions
+
+
+def step_profile(one, calls: int = 10) -> dict:
+    """Where the step's time goes (`timing.thunk_profile`): milliseconds per phase (forward, backward,
+    augmentation, update and metrics), each split into matrix products (with their fused epilogues) and the
+    rest, and the slowest instructions that are not matrix products."""
+    rows = timing.thunk_profile(one, one.hlo_text(), calls)
+    phases: dict[str, dict[str, float]] = {}
+    for r in rows:
+        part = phases.setdefault(_phase(r["op_name"]), {"matmul_ms": 0.0, "other_ms": 0.0})
+        part["matmul_ms" if r["matmul"] else "other_ms"] += r["ms_per_call"]
+    others = [r for r in rows if not r["matmul"]][:12]
+    return {"calls": calls, "phases_ms": phases, "slowest_non_matmul": others}
 
 
 def page_faults_per_call(fn, calls: int = 5) -> float:
@@ -175,7 +228,7 @@ def benchmark(settings: Settings) -> dict:
 
     model = ScaledMLP(num_classes, depth, width, expansion, input_shape=(res, res, 3))
     params = model.init(jax.random.key(0), jnp.zeros((1, res, res, 3)))
-    tuning = cpu_tuning()
+    tuning = _cpu_tuning()
     peak = matmul_rate()
     fns = {
         "theorax": jax_step(model, params, images, labels, res, True, tuning["compiler_options"]),
@@ -226,6 +279,8 @@ def benchmark(settings: Settings) -> dict:
         if f"torch_{mode}" in times:
             peer = times[f"torch_{mode}"]
             result[f"speedup_vs_torch_{mode}"] = {k: peer[k] / full[k] for k in full}
+    if settings.profile:
+        result["profile"] = step_profile(fns["theorax"])
     result["targets"] = {
         "step_within_1.15x_of_matmul_floor (median)": result["step_over_matmul_floor"]["median_s"]
         <= 1.15,
@@ -280,6 +335,19 @@ def table(result: dict) -> list[str]:
         if f"torch_{mode}_error" in result:
             lines.append(f"  torch_{mode} failed: {result[f'torch_{mode}_error']}")
     lines.append(f"  page faults per step: {result['jax_page_faults_per_step']:.0f}")
+    if "profile" in result:
+        p = result["profile"]
+        total = sum(v["matmul_ms"] + v["other_ms"] for v in p["phases_ms"].values())
+        lines.append(
+            f"  profile of the tuned step ({p['calls']} calls; per-instruction medians, {total:.1f} ms in all):"
+        )
+        for phase, v in p["phases_ms"].items():
+            lines.append(
+                f"    {phase:20s} matmuls {v['matmul_ms']:7.1f} ms, the rest {v['other_ms']:6.1f} ms"
+            )
+        lines.append("    slowest instructions that are not matrix products:")
+        for r in p["slowest_non_matmul"][:8]:
+            lines.append(f"      {r['ms_per_call']:6.2f} ms  {r['name']:28s} {r['op_name'][:70]}")
     return lines
 
 
@@ -287,12 +355,7 @@ def main(argv):
     del argv
     settings = Settings(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(Settings)})
     result = benchmark(settings)
-    os.makedirs(FLAGS.out, exist_ok=True)
-    path = os.path.join(FLAGS.out, "scaled_mlp.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print("\n" + "\n".join(table(result)))
-    print(f"wrote {path}")
+    timing.write_results(FLAGS.out, "scaled_mlp.json", result, table(result))
 
 
 if __name__ == "__main__":
