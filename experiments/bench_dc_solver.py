@@ -1,26 +1,32 @@
-r"""Sampling and ratio-search speed of our DC-Solver / UniPC beside diffusers' scheduler loop, in one process run.
+r"""Sampling speed of our DC-Solver / UniPC beside diffusers' scheduler loop, each against its own model's cost.
 
     python -m theorax.experiments.bench_dc_solver --out=results/bench
     python -m theorax.experiments.bench_dc_solver --points=1000 --nfe=10 --cfg=7.5
 
-Measures, float32 on the CPU (both sides), on the analytic class-conditional Gaussian mixture of the `cpu`
-preset (64 dimensions, 10 classes x 3 components), classifier-free guidance 7.5 (two model evaluations per step):
+It first records the machine (`timing.machine`: load, CPU, cores, versions) and refuses to run when the 1-minute
+load is above 0.5, unless `--allow_loaded_machine` (then every figure is marked as taken under load). Float32 on
+the CPU (both sides), on the analytic class-conditional Gaussian mixture of the `cpu` preset (64 dimensions, 10
+classes x 3 components), classifier-free guidance 7.5 (two model evaluations per step). Timed interleaved after
+warm-up (min and median over `--repeats` rounds):
 
-* NFE-10 sampling of `--points` points: our `sample(solver="unipc")` and `sample(solver="dc")` (one jit each,
-  timed after compilation, including the host-side checks and the non-finite flag read back), against
-  diffusers' `UniPCMultistepScheduler` (same order 3, bh1, linspace timesteps, final sigma = sigma_min) stepped
-  in a Python loop with the same model written in PyTorch (`third_party.dc_solver.TorchMixtureEps`). The two
-  outputs are compared (they solve the same ODE with the same algorithm).
-* The NFE-10 ratio search on 10 datapoints (40 AdamW iterations per step, 200-step DDIM ground truth): cold (a
-  fresh compile, as a user's first call) and warm.
+* `ours_unipc`, `ours_dc`: NFE-10 sampling of `--points` points with `sample(solver="unipc")` and
+  `sample(solver="dc")` (the whole call: host-side checks, the program, the non-finite flag read back);
+* `ours_model_alone`: the sampler's model evaluations alone (the guided evaluations at the sampler's times,
+  2 x NFE calls of the model, one after another) in one jit: the floor of any sampler of this model;
+* `diffusers_unipc`: diffusers' `UniPCMultistepScheduler` (order 3, bh1, linspace timesteps, final sigma =
+  sigma_min) stepped in a Python loop with the same model written in PyTorch
+  (`third_party.dc_solver.TorchMixtureEps`); the outputs of the two are compared;
+* `diffusers_model_alone`: that loop's model evaluations alone (the same calls, in the same Python loop).
 
-Writes `OUT/dc_solver.json` and prints a table.
+A sampler's own cost is its time minus its model's (`*_own_s`, from medians and from minima); the targets are
+ours at most 25% of the model time and at least 10x below diffusers' own cost; the end-to-end ratio is reported
+beside them. Then scaling: our DC-Solver's time and memory (`memory_analysis()` of the compiled program) at
+1,000, 10,000 and 100,000 points (`--scaling_points`), and the NFE-10 ratio search on 10 datapoints, cold (with
+compilation) and warm. Writes `OUT/dc_solver.json` and prints a table.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
@@ -31,6 +37,7 @@ from theorax.configs import dc_solver as dc_config
 from theorax.experiments import runtime, timing
 from theorax.experiments.dc_solver import make_mixture
 from theorax.inference import dc_solver as dcs
+from theorax.inference.dc_solver import solvers
 from theorax.models import diffusion
 
 FLAGS = flags.FLAGS
@@ -43,12 +50,116 @@ def _define_flags() -> None:
     flags.DEFINE_integer("points", 1000, "Number of samples.", lower_bound=1)
     flags.DEFINE_integer("nfe", 10, "Number of steps (at least the order, 3).", lower_bound=3)
     flags.DEFINE_float("cfg", 7.5, "Guidance scale.")
-    flags.DEFINE_integer("repeats", 15, "Timed repeats; the median is reported.", lower_bound=1)
+    flags.DEFINE_integer(
+        "repeats", 30, "Interleaved rounds; min and median over them.", lower_bound=1
+    )
     flags.DEFINE_bool("torch", True, "Also time diffusers' scheduler loop.")
+    flags.DEFINE_list(
+        "scaling_points", ["1000", "10000", "100000"], "Batch sizes of the scaling measurement."
+    )
+    flags.DEFINE_bool(
+        "allow_loaded_machine",
+        False,
+        "Measure even on a busy machine (every figure is then marked as taken under load).",
+    )
+
+
+def model_alone(eps_fn, x, schedule, config: dcs.SolverConfig, nfe: int, guidance):
+    """A call that runs the guided model evaluations of the sampler `config` (at its times, NFE of them:
+    the initial one and one per step but the last) one after another in one jit, nothing else."""
+    plan = solvers.make_plan(config, schedule, config.time_steps(schedule, nfe))
+    ts = jnp.asarray(plan.ts[:-1], x.dtype)
+    scale = jnp.asarray(guidance.scale, x.dtype)
+
+    @jax.jit
+    def evaluations(eps_fn, x, ts, labels, scale):
+        g = dcs.Guidance(labels, scale)
+        for i in range(nfe):
+            x = solvers.model_eps(eps_fn, x, ts[i], g)
+        return x
+
+    eps_fn = (
+        jax.tree_util.Partial(eps_fn) if not isinstance(eps_fn, jax.tree_util.Partial) else eps_fn
+    )
+    return lambda: evaluations(eps_fn, x, ts, guidance.labels, scale).block_until_ready()
+
+
+def diffusers_calls(mixture, schedule, x_np, y_np, nfe: int, cfg: float):
+    """diffusers' UniPC loop with the PyTorch twin of the mixture, and the same loop's model calls alone."""
+    import torch
+    from diffusers import UniPCMultistepScheduler
+    from theorax.third_party.dc_solver import TorchMixtureEps
+
+    twin = TorchMixtureEps(mixture, schedule, dtype=torch.float32)
+    scheduler = UniPCMultistepScheduler(
+        trained_betas=diffusion.sd_scaled_linear_betas(),
+        solver_order=3,
+        solver_type="bh1",
+        final_sigmas_type="sigma_min",
+        timestep_spacing="linspace",
+    )
+    labels = torch.from_numpy(y_np)
+
+    def loop():
+        scheduler.set_timesteps(nfe)
+        xt = torch.from_numpy(x_np)
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                xt = scheduler.step(twin.guided(xt, t, labels, cfg), t, xt).prev_sample
+        return xt
+
+    scheduler.set_timesteps(nfe)
+    timesteps = list(scheduler.timesteps)
+
+    def model():
+        xt = torch.from_numpy(x_np)
+        with torch.no_grad():
+            for t in timesteps:
+                xt = twin.guided(xt, t, labels, cfg)
+        return xt
+
+    return loop, model, torch.get_num_threads()
+
+
+def scaling(eps_fn, schedule, mixture, points, nfe: int, cfg: float, ratios, repeats: int) -> dict:
+    """Our DC-Solver at several batch sizes: seconds (min, median) and the compiled program's memory."""
+    out = {}
+    for n in points:
+        rng = np.random.default_rng(1)
+        x = jnp.asarray(rng.normal(size=(n, mixture.dim)).astype(np.float32))
+        y = jnp.asarray(rng.integers(0, mixture.num_classes, size=n))
+        kw = dict(
+            nfe=nfe,
+            solver="dc",
+            order=3,
+            variant="bh1",
+            spacing="linspace",
+            ratios=ratios,
+            guidance=dcs.Guidance(y, cfg),
+        )
+        lower = getattr(dcs, "lower_sample", None)  # absent before issue 12 (its "before" figures)
+        memory = lower(eps_fn, x, schedule, **kw).compile().memory_analysis() if lower else None
+        t = timing.time_calls(
+            lambda x=x, kw=kw: dcs.sample(eps_fn, x, schedule, **kw).block_until_ready(),
+            max(3, repeats // 5),
+        )
+        fields = ("argument", "output", "temp", "alias", "generated_code")
+        mem = {
+            f"{k}_bytes": int(getattr(memory, f"{k}_size_in_bytes")) if memory else None
+            for k in fields
+        }
+        out[str(n)] = {
+            **t,
+            **mem,
+            "seconds_per_point": t["median_s"] / n,
+            "temp_bytes_per_point": mem["temp_bytes"] / n if memory else None,
+        }
+    return out
 
 
 def main(argv):
     del argv
+    record = timing.machine(allow_loaded=FLAGS.allow_loaded_machine)
     config = dc_config.get_config("cpu")
     mixture = make_mixture(config)
     schedule = diffusion.VPSchedule.named("sd_scaled_linear")
@@ -59,61 +170,77 @@ def main(argv):
     y_np = rng.integers(0, mixture.num_classes, size=n)
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
     guidance = dcs.Guidance(y, FLAGS.cfg)
-    kw = dict(nfe=nfe, order=3, variant="bh1", spacing="linspace", guidance=guidance)
+    solver = dcs.SolverConfig("unipc", order=3, variant="bh1", spacing="linspace")
     ratios = np.array([1.0, 1.0] + [0.9, 1.1] * ((nfe - 2) // 2) + [1.0] * ((nfe - 2) % 2))
 
     def ours_unipc():
-        return dcs.sample(eps_fn, x, schedule, solver="unipc", **kw).block_until_ready()
+        return dcs.sample(eps_fn, x, schedule, nfe=nfe, solver=solver, guidance=guidance)
+
+    dc_solver = dcs.SolverConfig("dc", order=3, variant="bh1", spacing="linspace")
 
     def ours_dc():
-        return dcs.sample(eps_fn, x, schedule, solver="dc", ratios=ratios, **kw).block_until_ready()
+        return dcs.sample(
+            eps_fn, x, schedule, nfe=nfe, solver=dc_solver, ratios=ratios, guidance=guidance
+        )
 
-    fns = {"ours_unipc_s": ours_unipc, "ours_dc_s": ours_dc}
+    fns = {
+        "ours_unipc": lambda: ours_unipc().block_until_ready(),
+        "ours_dc": lambda: ours_dc().block_until_ready(),
+        "ours_model_alone": model_alone(eps_fn, x, schedule, solver, nfe, guidance),
+    }
     results = {
+        "machine": record,
+        "under_load": record["under_load"],
         "device": jax.devices()[0].device_kind,
-        "cpu_count": os.cpu_count(),
         "points": n,
         "dim": dim,
         "nfe": nfe,
         "cfg": FLAGS.cfg,
+        "repeats": FLAGS.repeats,
+        "model_evaluations": 2 * nfe,
     }
     if FLAGS.torch:
-        import torch
-        from diffusers import UniPCMultistepScheduler
-        from theorax.third_party.dc_solver import TorchMixtureEps
-
-        twin = TorchMixtureEps(mixture, schedule, dtype=torch.float32)
-        betas = diffusion.sd_scaled_linear_betas()
-        scheduler = UniPCMultistepScheduler(
-            trained_betas=betas,
-            solver_order=3,
-            solver_type="bh1",
-            final_sigmas_type="sigma_min",
-            timestep_spacing="linspace",
-        )
-        labels = torch.from_numpy(y_np)
-
-        def diffusers_loop():
-            scheduler.set_timesteps(nfe)
-            xt = torch.from_numpy(x_np)
-            with torch.no_grad():
-                for t in scheduler.timesteps:
-                    xt = scheduler.step(twin.guided(xt, t, labels, FLAGS.cfg), t, xt).prev_sample
-            return xt
-
-        fns["diffusers_unipc_s"] = diffusers_loop
-        results["torch_threads"] = torch.get_num_threads()
-        theirs = diffusers_loop().numpy()
-        ours = np.asarray(ours_unipc())
+        loop, model, threads = diffusers_calls(mixture, schedule, x_np, y_np, nfe, FLAGS.cfg)
+        fns["diffusers_unipc"], fns["diffusers_model_alone"] = loop, model
+        results["torch_threads"] = threads
+        theirs, ours = loop().numpy(), np.asarray(ours_unipc())
         results["max_abs_diff_vs_diffusers"] = float(np.max(np.abs(ours - theirs)))
         results["rel_diff_vs_diffusers"] = float(
             np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
         )
-    for name, t in timing.interleaved(fns, FLAGS.repeats).items():
-        results[name], results[name.replace("_s", "_min_s")] = t["median_s"], t["min_s"]
+    times = timing.interleaved(fns, FLAGS.repeats)
+    results["times_s"] = times
+    model_t = times["ours_model_alone"]
+    own = {}
+    for name in ("ours_unipc", "ours_dc"):
+        own[name] = {k: times[name][k] - model_t[k] for k in model_t}
+        results[f"{name}_own_over_model"] = {k: own[name][k] / model_t[k] for k in model_t}
     if FLAGS.torch:
-        results["speedup_unipc"] = results["diffusers_unipc_s"] / results["ours_unipc_s"]
-        results["speedup_dc"] = results["diffusers_unipc_s"] / results["ours_dc_s"]
+        theirs_model = times["diffusers_model_alone"]
+        own["diffusers_unipc"] = {
+            k: times["diffusers_unipc"][k] - theirs_model[k] for k in theirs_model
+        }
+        for name in ("ours_unipc", "ours_dc"):
+            results[f"{name}_own_cost_ratio_vs_diffusers"] = {
+                k: own["diffusers_unipc"][k] / own[name][k] for k in model_t
+            }
+            results[f"{name}_end_to_end_speedup_vs_diffusers"] = {
+                k: times["diffusers_unipc"][k] / times[name][k] for k in model_t
+            }
+    results["own_cost_s"] = own
+    results["targets"] = {
+        "own_cost_at_most_25%_of_model (median, DC)": results["ours_dc_own_over_model"]["median_s"]
+        <= 0.25,
+    }
+    if FLAGS.torch:
+        results["targets"]["own_cost_10x_below_diffusers (median, DC)"] = (
+            results["ours_dc_own_cost_ratio_vs_diffusers"]["median_s"] >= 10
+        )
+
+    points = [int(p) for p in FLAGS.scaling_points]
+    results["scaling_dc"] = scaling(
+        eps_fn, schedule, mixture, points, nfe, FLAGS.cfg, ratios, FLAGS.repeats
+    )
 
     # Ratio search, NFE 10, 10 datapoints: cold (first call compiles the DDIM ground truth and the search) and
     # warm (new datapoints, same shapes).
@@ -126,37 +253,62 @@ def main(argv):
         lambda: dcs.search_ratios(
             eps_fn, xs2, schedule, nfe=nfe, guidance=dcs.Guidance(ys, FLAGS.cfg)
         ),
-        FLAGS.repeats,
-    )["median_s"]
-
-    os.makedirs(FLAGS.out, exist_ok=True)
-    path = os.path.join(FLAGS.out, "dc_solver.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    rows = [
-        (f"our UniPC, NFE {nfe}, {n} x {dim}", results["ours_unipc_s"], ""),
-        ("our DC-Solver, same", results["ours_dc_s"], ""),
-    ]
-    if "diffusers_unipc_s" in results:
-        rows.append(("diffusers UniPCMultistepScheduler loop", results["diffusers_unipc_s"], ""))
-        rows[0] = (*rows[0][:2], f"{results['speedup_unipc']:.1f}x faster (target >= 10x)")
-        rows[1] = (*rows[1][:2], f"{results['speedup_dc']:.1f}x faster")
-    rows.append(
-        (
-            f"ratio search NFE {nfe}, cold (with compile)",
-            results["search_cold_s"],
-            "target < 30 s",
-        )
+        5,
     )
-    rows.append((f"ratio search NFE {nfe}, warm", results["search_warm_s"], ""))
-    print(f"\n{'what':<48} {'seconds':>10}  note")
-    for name, sec, note in rows:
-        print(f"{name:<48} {sec:>10.4f}  {note}")
-    if "max_abs_diff_vs_diffusers" in results:
-        print(
-            f"our UniPC vs diffusers: max |diff| {results['max_abs_diff_vs_diffusers']:.2e} (float32)"
+
+    timing.write_results(FLAGS.out, "dc_solver.json", results, table(results))
+
+
+def table(r: dict) -> list[str]:
+    """The printed report: every program's min and median, the own costs and the targets."""
+    t = r["times_s"]
+    lines = [
+        f"NFE-{r['nfe']} sampling of {r['points']} x {r['dim']}, CFG {r['cfg']} "
+        f"({r['model_evaluations']} model evaluations), {r['repeats']} interleaved rounds:"
+    ]
+    if r["under_load"]:
+        lines.append(
+            f"  !! TAKEN UNDER LOAD (1-minute load {r['machine']['load_1min']:.2f} > "
+            f"{r['machine']['load_limit']}): these figures are not results"
         )
-    print(f"wrote {path}")
+    lines.append(f"  {'program':24s} {'min ms':>9s} {'median ms':>10s}  own cost (median) / note")
+    for name, v in t.items():
+        note = ""
+        if name in r["own_cost_s"]:
+            own = r["own_cost_s"][name]["median_s"]
+            note = f"{1e3 * own:.2f} ms"
+            if name.startswith("ours"):
+                note += f" = {100 * r[f'{name}_own_over_model']['median_s']:.0f}% of the model (target <= 25%)"
+                if f"{name}_own_cost_ratio_vs_diffusers" in r:
+                    note += (
+                        f"; {r[f'{name}_own_cost_ratio_vs_diffusers']['median_s']:.1f}x below "
+                        "diffusers' own cost (target >= 10x), end to end "
+                        f"{r[f'{name}_end_to_end_speedup_vs_diffusers']['median_s']:.1f}x"
+                    )
+        elif name.endswith("model_alone"):
+            note = "the model evaluations alone"
+        lines.append(f"  {name:24s} {1e3 * v['min_s']:9.3f} {1e3 * v['median_s']:10.3f}  {note}")
+    if "max_abs_diff_vs_diffusers" in r:
+        lines.append(
+            f"  our UniPC vs diffusers: max |diff| {r['max_abs_diff_vs_diffusers']:.2e} (float32)"
+        )
+    lines.append("  our DC-Solver by batch size (time, compiled memory):")
+    for n, s in r["scaling_dc"].items():
+        memory = (
+            f"temp {s['temp_bytes'] / 2**20:7.1f} MiB ({s['temp_bytes_per_point']:.0f} B per point), "
+            f"arguments {s['argument_bytes'] / 2**20:.1f} MiB"
+            if s["temp_bytes"] is not None
+            else "memory n/a (no lower_sample in this version)"
+        )
+        lines.append(
+            f"    {int(n):>7,d} points {1e3 * s['median_s']:9.2f} ms ({1e9 * s['seconds_per_point']:.0f} ns "
+            f"per point), {memory}"
+        )
+    lines.append(
+        f"  ratio search NFE {r['nfe']}: cold (with compile) {r['search_cold_s']:.2f} s "
+        f"(target < 30 s), warm {1e3 * r['search_warm_s']['median_s']:.1f} ms"
+    )
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,12 +1,20 @@
-r"""Benchmark: Distribution-Transformer posteriors against numpyro NUTS on task (b), in the same process.
+r"""Benchmark: Distribution-Transformer posteriors beside a PyTorch twin, and against numpyro NUTS on task (b).
 
     python -m theorax.experiments.bench_distribution_transformer --out=results/bench
+    python -m theorax.experiments.bench_distribution_transformer --latency_only --out=results/bench   # ~2 min
     python -m theorax.experiments.bench_distribution_transformer \
         --dt_workdir=results/dt_invgamma_wide/invgamma_wide      # a trained entry of the experiment
 
+It first records the machine (`timing.machine`: load, CPU, cores, versions) and refuses to run when the 1-minute
+load is above 0.5, unless `--allow_loaded_machine` (then every figure is marked as taken under load).
 Measures (issue targets in brackets):
-1. Wall time of the posteriors of a batch of 1,000 problems after compilation, for the paper's DT-5
-   architecture (64/8/6/256, k = 5; [< 50 ms]) and for the trained model scored below.
+1. Latency, timed interleaved after warm-up (min and median over `--repeats` rounds), on the same batch of
+   1,000 task (b) problems: the paper's DT-5 architecture (64/8/6/256, k = 5; weights do not change the cost)
+   as the experiment compiles it (`cpu_tuning()`; [< 50 ms]) and with the library's defaults; its PyTorch twin
+   (`experiments.torch_peers.TorchDistributionTransformer`, the official `nn.TransformerDecoder` layout, loaded
+   with the same parameters and checked equal to ours), eager and under `torch.compile` [ours faster than
+   both]; the forward pass's matrix products alone in one jit (its matmul floor); and, without
+   `--latency_only`, the trained model scored below. `--latency_only` stops here (no training, no NUTS).
 2. On task (b) (inverse-gamma, wide meta-prior unless the trained entry says otherwise): wall time per problem
    of the trained transformer and of numpyro NUTS (4 chains, 500 warm-up steps each, chains vectorised), each
    with its expected KL(exact || q) on the same problems, NUTS scored through a Silverman KDE-GMM of its draws
@@ -24,7 +32,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
+import time
 
 import jax
 import ml_collections
@@ -56,9 +64,18 @@ def _define_flags() -> None:
     flags.DEFINE_list(
         "nuts_draws", ["1000", "4000", "16000"], "The ladder of NUTS draws per chain (ascending)."
     )
-    flags.DEFINE_integer("repeats", 50, "Timed repetitions of the transformer's batch.")
+    flags.DEFINE_integer("repeats", 30, "Interleaved rounds of the latency measurement.")
     flags.DEFINE_integer(
         "kl_samples", 4000, "Exact posterior draws per problem for the KL estimates."
+    )
+    flags.DEFINE_bool(
+        "latency_only", False, "Only the latency part (1.): no trained model, no NUTS ladder."
+    )
+    flags.DEFINE_bool("torch", True, "Also time the PyTorch twin (eager and torch.compile).")
+    flags.DEFINE_bool(
+        "allow_loaded_machine",
+        False,
+        "Measure even on a busy machine (every figure is then marked as taken under load).",
     )
 
 
@@ -86,21 +103,103 @@ def trained_model(dt_workdir: str | None, out: str):
     return c, task, model, params
 
 
-def latencies(task, model, params, prob, repeats: int) -> tuple[dict, dict]:
-    """Batch latency of the paper's DT-5 architecture (weights do not change the cost) and of the trained
-    model, both with the experiment's hardware tuning."""
-    paper_model = DistributionTransformer(
+def paper_dt5(task, prob):
+    """The paper's DT-5 architecture for `task` (64/8/6/256, k = 5) and its initial parameters."""
+    model = DistributionTransformer(
         **task.model_kwargs(5), d_model=64, num_heads=8, num_layers=6, dim_feedforward=256
     )
-    paper_params = init_params(paper_model, jax.random.key(0), prob.prior, prob.observations)
+    return model, init_params(model, jax.random.key(0), prob.prior, prob.observations)
 
-    def latency(m, p):
-        fn = dt_training.make_posterior_fn(m, **dtx.cpu_tuning())
-        return timing.time_calls(
-            lambda: jax.block_until_ready(fn(p, prob.prior, prob.observations)), repeats
+
+def forward_matmul_shapes(model: DistributionTransformer, batch: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every matrix product of the forward pass of a feature-prior model with one observation
+    token (task (b)): the prior embedding, the k conversions, the observation embedding, per layer the fused
+    QKV, self-attention output, the cross-attention's value and output (one key), the FFN, and the head. The
+    attention core over the few component tokens is broadcast products, not matmuls, and is left out."""
+    d, k, t = model.d_model, model.num_components, batch * model.num_components
+    mlp = lambda rows, widths: [(rows, a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)]
+    shapes = mlp(batch, [model.prior_feature_dim, *model.prior_hidden, d])
+    shapes += k * mlp(batch, [d, *model.conversion_hidden, d])
+    (obs_dim,) = model.observation_dims.values()
+    shapes += mlp(batch, [obs_dim, *model.observation_hidden, d])
+    per_layer = [(t, d, 3 * d), (t, d, d), (batch, d, d), (batch, d, d)]
+    per_layer += mlp(t, [d, model.dim_feedforward, d])
+    shapes += model.num_layers * per_layer
+    n_in = 1 + model.dim + model.dim * (model.dim + 1) // 2
+    shapes += mlp(t, [d, *reversed(tuple(model.component_hidden)), n_in])
+    return shapes
+
+
+def torch_twin_calls(model, params, prob, q) -> tuple[dict, dict]:
+    """The PyTorch twin of `model`, eager and compiled, as calls on the same problems; checks it against our
+    posterior `q` first."""
+    import torch
+    from theorax.experiments.torch_peers import TorchDistributionTransformer
+
+    twin = TorchDistributionTransformer(model, params)
+    (source,) = model.observation_dims
+    features = torch.from_numpy(np.array(prob.prior, np.float32))
+    observations = torch.from_numpy(np.array(prob.observations[source], np.float32))
+    compiled = torch.compile(twin)
+
+    def call(module):
+        with torch.inference_mode():
+            return module(features, observations)
+
+    ours = (q.logits, q.means, q.scale_tril)
+    info = {
+        "torch_threads": torch.get_num_threads(),
+        "torch_twin_max_abs_diff": max(
+            float(np.max(np.abs(np.asarray(a) - b.numpy())))
+            for a, b in zip(ours, call(twin), strict=True)
+        ),
+    }
+    fns = {"torch_eager": lambda: call(twin)}
+    try:
+        start = time.perf_counter()
+        for _ in range(3):
+            call(compiled)
+        info["torch_compile_warmup_s"] = time.perf_counter() - start
+        fns["torch_compile"] = lambda: call(compiled)
+    except Exception as e:  # noqa: BLE001 - a broken torch.compile toolchain is reported, not fatal
+        info["torch_compile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return fns, info
+
+
+def latencies(task, prob, repeats: int, trained=None, peers: bool = True) -> dict:
+    """Batch latency of the paper's DT-5 architecture (tuned and library defaults), its PyTorch twin (eager,
+    compiled), the forward pass's matmul floor and, when given, the trained `(model, params)`: all interleaved
+    on the same problems."""
+    model, params = paper_dt5(task, prob)
+    posterior = lambda m, **kw: dt_training.make_posterior_fn(m, **kw)
+    tuned, default = posterior(model, **dtx.cpu_tuning()), posterior(model)
+    q = tuned(params, prob.prior, prob.observations)
+    fns = {
+        "dt5": lambda: jax.block_until_ready(tuned(params, prob.prior, prob.observations)),
+        "dt5_library_defaults": lambda: jax.block_until_ready(
+            default(params, prob.prior, prob.observations)
+        ),
+        "dt5_matmul_floor": timing.matmuls_alone(
+            forward_matmul_shapes(model, prob.target.shape[0])
+        ),
+    }
+    info = {}
+    if trained is not None:
+        trained_fn = posterior(trained[0], **dtx.cpu_tuning())
+        fns["trained"] = lambda: jax.block_until_ready(
+            trained_fn(trained[1], prob.prior, prob.observations)
         )
-
-    return latency(paper_model, paper_params), latency(model, params)
+    if peers:
+        torch_fns, info = torch_twin_calls(model, params, prob, q)
+        fns |= torch_fns
+    times = timing.interleaved(fns, repeats)
+    out = {"times_s": times, **info}
+    ours = times["dt5"]
+    out["dt5_over_matmul_floor"] = {k: ours[k] / times["dt5_matmul_floor"][k] for k in ours}
+    for name in ("torch_eager", "torch_compile"):
+        if name in times:
+            out[f"speedup_vs_{name}"] = {k: times[name][k] / ours[k] for k in ours}
+    return out
 
 
 def expected_kl_per_problem(task, problems, posterior, num_samples: int) -> float:
@@ -158,16 +257,38 @@ def nuts_ladder(task, sub, kl_dt: float, dt_per_problem: float, draws, num_sampl
     return runs, at_equal_kl
 
 
+def _latency_rows(lat: dict) -> list[tuple[str, str, str, str]]:
+    notes = {
+        "dt5": ("< 50 ms; faster than both torch peers", ""),
+        "dt5_library_defaults": ("", "no compiler options, one slice"),
+        "dt5_matmul_floor": (
+            "",
+            f"DT-5 is {lat['dt5_over_matmul_floor']['median_s']:.2f}x its floor",
+        ),
+    }
+    for name in ("torch_eager", "torch_compile"):
+        if f"speedup_vs_{name}" in lat:
+            notes[name] = ("", f"DT-5 is {lat[f'speedup_vs_{name}']['median_s']:.2f}x faster")
+    rows = []
+    for name, t in lat["times_s"].items():
+        target, note = notes.get(name, ("", ""))
+        rows.append(
+            (f"{name}, batch of 1000 ({note})" if note else f"{name}, batch of 1000",
+             f"{1e3 * t['min_s']:.1f} ms (median {1e3 * t['median_s']:.1f})", "-", target)
+        )  # fmt: skip
+    return rows
+
+
 def _table(result: dict) -> list[tuple[str, str, str, str]]:
-    paper, trained = result["paper_dt5_architecture_batch_latency"], result["trained_model"]
-    lat, dt_per_problem = trained["batch_latency"], trained["per_problem_s"]
-    rows = [
-        ("DT-5 paper architecture, batch of 1000", f"{1e3 * paper['min_s']:.1f} ms "
-         f"(median {1e3 * paper['median_s']:.1f})", "-", "< 50 ms"),
-        ("trained DT, batch of 1000", f"{1e3 * lat['min_s']:.1f} ms "
-         f"(median {1e3 * lat['median_s']:.1f})", f"{trained['expected_kl']:.5f}", ""),
+    rows = _latency_rows(result["latency"])
+    if "trained_model" not in result:
+        return rows
+    trained = result["trained_model"]
+    dt_per_problem = trained["per_problem_s"]
+    rows += [
+        ("trained DT, expected KL", "", f"{trained['expected_kl']:.5f}", ""),
         ("trained DT, per problem", f"{1e6 * dt_per_problem:.1f} us", "", ""),
-    ]  # fmt: skip
+    ]
     for label, r in result["nuts"]["runs"].items():
         rows.append(
             (f"NUTS {label}", f"{1e3 * r['per_problem_s']:.1f} ms / problem",
@@ -187,15 +308,58 @@ def _table(result: dict) -> list[tuple[str, str, str, str]]:
 
 def main(argv):
     del argv
+    record = timing.machine(allow_loaded=FLAGS.allow_loaded_machine)
     os.makedirs(FLAGS.out, exist_ok=True)
-    load = os.getloadavg()
+    result = {
+        "machine": record,
+        "under_load": record["under_load"],
+        "num_problems": FLAGS.num_problems,
+        "repeats": FLAGS.repeats,
+    }
+    if FLAGS.latency_only:
+        from theorax.configs import distribution_transformer as cfg
+
+        task, _ = dtx.build(cfg.get_config("cpu").tasks.invgamma_wide)
+        prob = task.sample(jax.random.key(2024), FLAGS.num_problems)
+        result["task"] = "invgamma_wide"
+        result["latency"] = latencies(task, prob, FLAGS.repeats, peers=FLAGS.torch)
+    else:
+        result |= full_benchmark()
+    paper = result["latency"]["times_s"]["dt5"]
+    result["targets"] = {
+        "paper_architecture_batch_latency_under_50ms (median)": paper["median_s"] < 0.05,
+    }
+    for name in ("torch_eager", "torch_compile"):
+        if f"speedup_vs_{name}" in result["latency"]:
+            result["targets"][f"faster_than_{name} (median)"] = (
+                result["latency"][f"speedup_vs_{name}"]["median_s"] > 1
+            )
+    if "nuts_over_dt_time_at_equal_kl" in result:
+        result["targets"]["ratio_at_least_1000_at_equal_kl"] = all(
+            r["time_ratio"] >= 1000 for r in result["nuts_over_dt_time_at_equal_kl"].values()
+        )
+    path = os.path.join(FLAGS.out, "distribution_transformer.json")
+    with open(path, "w") as f:
+        json.dump(runtime._jsonable(result), f, indent=2)
+    print(
+        f"\nDistribution Transformer bench ({record['cpu_model']}, {record['cpu_count']} cores, jax "
+        f"{record['jax']}; load {record['load_1min']:.2f} at start; {FLAGS.repeats} interleaved rounds)"
+    )
+    if record["under_load"]:
+        print(
+            f"!! TAKEN UNDER LOAD (1-minute load {record['load_1min']:.2f}): these figures are not results"
+        )
+    print(f"{'':64s} {'time':>26s} {'expected KL':>12s} {'target':>10s}")
+    for r in _table(result):
+        print(f"{r[0]:64s} {r[1]:>26s} {r[2]:>12s} {r[3]:>10s}")
+    print(f"wrote {path}")
+
+
+def full_benchmark() -> dict:
+    """The latency part with the trained model, then its KL and the NUTS ladder (section 2 of the docstring)."""
     c, task, model, params = trained_model(FLAGS.dt_workdir, FLAGS.out)
     prob = task.sample(jax.random.key(2024), FLAGS.num_problems)
-
-    # 1. latency: the paper's DT-5 architecture and the trained model
-    paper_latency, trained_latency = latencies(task, model, params, prob, FLAGS.repeats)
-
-    # 2. accuracy and time per problem against NUTS on the same problems
+    lat = latencies(task, prob, FLAGS.repeats, trained=(model, params), peers=FLAGS.torch)
     q = dt_training.make_posterior_fn(model, **dtx.cpu_tuning())(
         params, prob.prior, prob.observations
     )
@@ -203,44 +367,26 @@ def main(argv):
         task, prob, q.log_prob, jax.random.key(1), FLAGS.kl_samples
     )
     sub = dtx.slice_batch(prob, 0, FLAGS.nuts_problems)
-    dt_per_problem = trained_latency["min_s"] / FLAGS.num_problems
+    dt_per_problem = lat["times_s"]["trained"]["min_s"] / FLAGS.num_problems
     kl_dt = expected_kl_per_problem(task, sub, q, FLAGS.kl_samples)
     nuts_runs, at_equal_kl = nuts_ladder(
         task, sub, kl_dt, dt_per_problem, list(map(int, FLAGS.nuts_draws)), FLAGS.kl_samples
     )
-    result = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"jax {jax.__version__} on {jax.default_backend()}",
-        "load_average_at_start": load,
-        "load_average_at_end": os.getloadavg(),
+    return {
         "task": c.task,
-        "num_problems": FLAGS.num_problems,
-        "paper_dt5_architecture_batch_latency": paper_latency,
+        "latency": lat,
         "trained_model": {
             "model": c.model.to_dict(),
             "train_steps": c.train.num_steps,
             "batch_size": c.train.batch_size,
-            "batch_latency": trained_latency,
+            "batch_latency": lat["times_s"]["trained"],
             "per_problem_s": dt_per_problem,
             "expected_kl": float(kl_all.mean()),
         },
         "nuts": {"chains": 4, "warmup": 500, "runs": nuts_runs},
         "nuts_over_dt_time_at_equal_kl": at_equal_kl,
-        "targets": {
-            "paper_architecture_batch_latency_under_50ms": paper_latency["min_s"] < 0.05,
-            "ratio_at_least_1000_at_equal_kl": all(
-                r["time_ratio"] >= 1000 for r in at_equal_kl.values()
-            ),
-        },
+        "load_average_at_end": os.getloadavg(),
     }
-    path = os.path.join(FLAGS.out, "distribution_transformer.json")
-    with open(path, "w") as f:
-        json.dump(runtime._jsonable(result), f, indent=2)
-    print(f"\nDistribution Transformer bench ({result['machine']}; load {load[0]:.1f} at start)")
-    print(f"{'':52s} {'time':>26s} {'expected KL':>12s} {'target':>10s}")
-    for r in _table(result):
-        print(f"{r[0]:52s} {r[1]:>26s} {r[2]:>12s} {r[3]:>10s}")
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -268,12 +268,71 @@ def scaled_mlp(check: Check) -> list[dict]:
     return rows
 
 
+def torch_step_times(
+    res: int,
+    repeats: int,
+    calls: int,
+    depth,
+    width,
+    expansion,
+    num_classes,
+    images,
+    labels,
+    *,
+    device: str = "cpu",
+    bf16: bool = False,
+    modes=("eager", "compile"),
+) -> dict:
+    """The bench's model and optimiser in PyTorch on `device` (eager and/or torch.compile), fed augmented
+    batches; with `bf16`, the forward pass and loss under bfloat16 autocast (parameters and Lion in float32,
+    as our bfloat16 compute). Keys `torch_{mode}_step_s`, `torch_{mode}_first_call_s` or `torch_{mode}_error`."""
+    import torch
+    from theorax.experiments.torch_peers import TorchBottleneckMLP, TorchLion
+
+    torch.manual_seed(0)
+    x = torch.from_numpy(np.asarray(images, np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
+    x, y = x.to(device), torch.from_numpy(np.asarray(labels, np.int64)).to(device)
+    device_type = device.split(":")[0]
+    out = {}
+    for mode in modes:
+        model = TorchBottleneckMLP(3 * res**2, width, depth, num_classes, expansion)
+        model = model.to(device)
+        opt = TorchLion(model.parameters(), lr=5e-5)
+        loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.3)
+
+        def train_step(model=model, opt=opt, loss_fn=loss_fn):
+            lam = 0.7
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                xm = lam * x + (1 - lam) * torch.roll(x, 1, 0)
+                logits = model(xm)
+                loss = lam * loss_fn(logits, y) + (1 - lam) * loss_fn(logits, torch.roll(y, 1, 0))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss
+
+        compiled = torch.compile(train_step) if mode == "compile" else train_step
+
+        def fn(compiled=compiled):
+            loss = compiled()
+            bench_scaled_mlp.torch_sync(device)
+            return loss
+
+        try:
+            start = time.perf_counter()
+            fn()
+            out[f"torch_{mode}_first_call_s"] = time.perf_counter() - start
+            out[f"torch_{mode}_step_s"] = timing.time_calls(fn, repeats, calls)["min_s"]
+        except Exception as e:  # noqa: BLE001 - a broken torch.compile toolchain is reported, not fatal
+            out[f"torch_{mode}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return out
+
+
 def scaled_mlp_torch(check: Check) -> list[dict]:
-    """The same model and optimiser in PyTorch on the same device (`bench_scaled_mlp.torch_step_times`)."""
+    """The same model and optimiser in PyTorch on the same device (`torch_step_times`)."""
     s = check.sizes
     (depth, width, expansion), images, labels, flops = _mlp_setup(s)
     b, res = s.mlp_batch, s.mlp_res
-    settings = bench_scaled_mlp.Settings(s.mlp_model, res, b, s.steps, s.repeats)
     rows = []
     for name in DTYPES:
         label = "bfloat16 autocast" if name == "bfloat16" else "float32"
@@ -286,8 +345,8 @@ def scaled_mlp_torch(check: Check) -> list[dict]:
                 for m in ("eager", "compile")
             ]
             continue
-        out = bench_scaled_mlp.torch_step_times(
-            settings, depth, width, expansion, 10, images, labels,
+        out = torch_step_times(
+            res, s.repeats, s.steps, depth, width, expansion, 10, images, labels,
             device=check.torch_device, bf16=name == "bfloat16", modes=check.torch_modes,
         )  # fmt: skip
         peak = check.peak.get(name)

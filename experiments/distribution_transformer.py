@@ -133,12 +133,7 @@ def cpu_tuning() -> dict:
     The train step and the filter take the same `compiler_options`."""
     if jax.default_backend() != "cpu":
         return {"compiler_options": None, "slices": 1}
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(1.0).compile()
-        options = dict(_CPU_COMPILER_OPTIONS)
-    except Exception:  # an XLA without the option: keep its defaults
-        options = None
-    return {"compiler_options": options, "slices": 2}
+    return {"compiler_options": runtime.cpu_compiler_options(_CPU_COMPILER_OPTIONS), "slices": 2}
 
 
 def compiler_options() -> dict | None:

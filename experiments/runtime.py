@@ -1289,6 +1289,22 @@ def train(
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
+def cpu_compiler_options(options: Mapping[str, Any]) -> dict | None:
+    """`options` (XLA compiler options for `jax.jit(..., compiler_options=...)`) when JAX runs on the CPU backend
+    and this jaxlib knows them; None otherwise (other backends, or an XLA without them keeps its defaults).
+
+    The experiments' hardware tuning (`scaled_mlp.cpu_tuning`, `distribution_transformer.cpu_tuning`) goes
+    through here, so that a tuning for XLA:CPU is never passed to another backend.
+    """
+    if jax.default_backend() != "cpu":
+        return None
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(1.0).compile()
+    except Exception:  # an XLA without the option
+        return None
+    return dict(options)
+
+
 def use_huge_pages() -> None:
     """Re-executes this process once (same pid, same command line) with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`.
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 
 import numpy as np
@@ -75,6 +76,19 @@ def machine(allow_loaded: bool = False, limit: float = LOAD_LIMIT) -> dict:
     }
 
 
+def write_results(out: str, filename: str, result: dict, lines: Sequence[str]) -> str:
+    """Writes a bench's `result` as JSON to `out/filename`, prints its table `lines`; returns the path."""
+    import json
+
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, filename)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print("\n" + "\n".join(lines))
+    print(f"wrote {path}")
+    return path
+
+
 def time_calls(fn: Callable[[], object], repeats: int, calls: int = 1) -> dict[str, float]:
     """Seconds per call: `min_s` and `median_s` over `repeats` measurements, each the mean of `calls` calls."""
     fn()
@@ -108,3 +122,98 @@ def interleaved(
     return {
         k: {"min_s": float(np.min(v)), "median_s": float(np.median(v))} for k, v in times.items()
     }
+
+
+def matmuls_alone(shapes: Sequence[tuple[int, int, int]], seed: int = 0) -> Callable[[], object]:
+    """A call that runs the float32 matrix products (m, k) @ (k, n) of `shapes` in one jit and nothing else:
+    the floor of a workload made of those products (a benchmark times it beside the workload).
+
+    Operands are random and already in the row-major layout the matmul library wants; each product is summed
+    to a scalar so that none can be dropped (the sums are a small fraction of the products' cost).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.key(seed), 2 * len(shapes))
+    operands = [
+        (jax.random.normal(k1, (m, k)), jax.random.normal(k2, (k, n)))
+        for (m, k, n), k1, k2 in zip(shapes, keys[::2], keys[1::2], strict=True)
+    ]
+    products = jax.jit(lambda ops: [jnp.sum(a @ w) for a, w in ops])
+    return lambda: jax.block_until_ready(products(operands))
+
+
+def _hlo_instructions(hlo_text: str) -> dict[str, tuple[str, bool]]:
+    """{instruction name: (its op_name metadata, whether it is or wraps a matrix product)} of an optimised HLO
+    module's text (`compiled.as_text()`), leaving out while loops, conditionals and calls (the instructions of
+    their bodies are listed themselves)."""
+    computations, current = {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"\s*(?:ENTRY\s+)?%([\w.-]+) \(.*\{$", line)
+        if head:
+            current = computations.setdefault(head.group(1), [])
+        elif current is not None:
+            current.append(line)
+    has_dot = {
+        name: any(re.search(r" (dot|convolution)\(", b) for b in body)
+        for name, body in computations.items()
+    }
+    out = {}
+    for body in computations.values():
+        for line in body:
+            m = re.match(r"\s*(?:ROOT )?%([\w.-]+) = .*? ([\w-]+)\(", line)
+            if not m:
+                continue
+            if m.group(2) in ("while", "conditional", "call"):
+                continue  # containers: the instructions of their bodies are timed themselves
+            called = re.findall(r"calls=%([\w.-]+)", line)
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            matmul = m.group(2) in ("dot", "convolution") or any(
+                has_dot.get(c, False) for c in called
+            )
+            out[m.group(1)] = (op_name.group(1) if op_name else "", matmul)
+    return out
+
+
+def thunk_profile(fn: Callable[[], object], hlo_text: str, calls: int = 10) -> list[dict]:
+    """Where a compiled XLA:CPU program's time goes: one `jax.profiler` trace of `calls` calls of `fn` (after
+    one warm-up call), each instruction of the program (`hlo_text`, its optimised HLO) with its median time
+    per call times how many times a call runs it.
+
+    Returns rows {"name", "ms_per_call", "count_per_call", "op_name", "matmul"} (the instruction, its JAX
+    source from the HLO metadata, and whether it is or wraps a matrix product), slowest first. Loops and
+    conditionals are not rows (their bodies' instructions are). Thunks that run concurrently overlap, so the
+    rows can sum to more than the wall time.
+    """
+    import glob
+    import gzip
+    import json
+    import tempfile
+
+    import jax
+
+    instructions = _hlo_instructions(hlo_text)
+    fn()
+    durations: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir, create_perfetto_trace=True):
+            for _ in range(calls):
+                fn()
+        (path,) = glob.glob(os.path.join(logdir, "**", "*.trace.json.gz"), recursive=True)
+        with gzip.open(path) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in instructions:
+            durations.setdefault(e["name"], []).append(e["dur"] * 1e-3)
+    rows = [
+        {
+            "name": name,
+            "ms_per_call": float(np.median(d)) * len(d) / calls,
+            "count_per_call": len(d) / calls,
+            "op_name": instructions[name][0],
+            "matmul": instructions[name][1],
+        }
+        for name, d in durations.items()
+    ]
+    return sorted(rows, key=lambda r: -r["ms_per_call"])

@@ -23,3 +23,17 @@ def test_interleaved_times_every_peer_in_alternating_order(monkeypatch):
     out = timing.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B, B A, A B
     assert set(out) == {"a", "b"} and all(v["min_s"] <= v["median_s"] for v in out.values())
+
+
+def test_thunk_profile_names_the_matmuls_and_the_rest():
+    import jax
+    import jax.numpy as jnp
+
+    f = jax.jit(lambda a, b: jnp.tanh(a @ b) + 1.0)
+    a = jnp.ones((64, 64))
+    rows = timing.thunk_profile(
+        lambda: f(a, a).block_until_ready(), f.lower(a, a).compile().as_text(), calls=3
+    )
+    assert rows and all(r["ms_per_call"] >= 0 and r["count_per_call"] > 0 for r in rows)
+    assert any(r["matmul"] for r in rows)
+    assert all(r["op_name"].startswith("jit(") for r in rows if r["matmul"])

@@ -3,14 +3,14 @@
 * `config`: `SolverConfig`, the solver and its options as one frozen, validated, hashable value.
 * `solvers`: the solvers' coefficient plans (`make_plan`, immutable, cached by value) and the one scan that
   runs every solver and the ratio search.
-* `sampling`: `sample` and `sample_with_trajectory`.
+* `sampling`: `sample` and `sample_with_trajectory` (and `lower_sample`, the program `sample` runs).
 * `search`: the greedy `search_ratios` and its many-step DDIM ground truth (`ddim_reference`).
 * `cpr`: cascade polynomial regression, `cpr_fit` / `cpr_predict` in the official 36-number layout.
 """
 
 from theorax.inference.dc_solver.config import SOLVERS, VARIANTS, SolverConfig
 from theorax.inference.dc_solver.cpr import cpr_features, cpr_fit, cpr_predict
-from theorax.inference.dc_solver.sampling import sample, sample_with_trajectory
+from theorax.inference.dc_solver.sampling import lower_sample, sample, sample_with_trajectory
 from theorax.inference.dc_solver.search import (
     GT_MODES,
     ddim_reference,
@@ -27,6 +27,7 @@ __all__ = [
     "GT_MODES",
     "Plan",
     "make_plan",
+    "lower_sample",
     "sample",
     "sample_with_trajectory",
     "search_ratios",

@@ -20,7 +20,12 @@ from theorax.inference.dc_solver.config import SolverConfig, solver_config
 from theorax.inference.dc_solver.solvers import Guidance
 from theorax.models import diffusion
 
-__all__ = ["sample", "sample_with_trajectory"]
+__all__ = ["lower_sample", "sample", "sample_with_trajectory"]
+
+
+# `sample` unrolls its steps up to this many (a program per plan); longer grids (the many-step DDIM ground
+# truth of the search goes through `sample_with_trajectory`) run the scan.
+MAX_UNROLLED_STEPS = 64
 
 
 @functools.partial(jax.jit, static_argnames=("dc", "trajectory"))
@@ -30,18 +35,104 @@ def _sample_jit(eps_fn, x_T, plan, ratios, guidance, dc, trajectory):
     return x, traj, bad
 
 
-def _solve(eps_fn, x_T, plan: solvers.Plan, config: SolverConfig, ratios, guidance, *, trajectory):
-    """What `sample` and `sample_with_trajectory` share past the grid: check, normalise, run, check."""
+class _ByIdentity:
+    """A static jit argument that hashes and compares by the identity of what it holds. Plans are cached by
+    value (`make_plan`), so equal plans are one object and share a program."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return id(self.value)
+
+    def __eq__(self, other):
+        return isinstance(other, _ByIdentity) and other.value is self.value
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "dc"))
+def _sample_unrolled_jit(eps_fn, x_T, ratios, dc_times, guidance, plan, dc):
+    ratios, dc_times = jnp.asarray(ratios, x_T.dtype), jnp.asarray(dc_times, x_T.dtype)
+    return solvers.run_unrolled(eps_fn, x_T, plan.value, ratios, guidance, dc=dc, dc_times=dc_times)
+
+
+def _unrolled_call(eps_fn, x_T, plan: solvers.Plan, config: SolverConfig, ratios, guidance):
+    """Checks and normalises the inputs; returns (the unrolled program, its arguments), or None when the plan
+    has more than `MAX_UNROLLED_STEPS` steps, and the normalised (eps_fn, x_T, ratios, guidance, dc).
+
+    Unrolled, the solvers that take ratios (UniPC through "dc", DPM-Solver++) always run with the compensation,
+    unit ratios when none are given: XLA:CPU contracts a * b + c into fused multiply-adds as each fused loop's
+    expression allows, so a program without the compensation could round differently from the one with unit
+    ratios, which must give the same numbers (rho = 1 is exactly no compensation)."""
     x_T = _checks.noise(x_T)
     ratios = _checks.ratios(ratios, config.solver, plan.nfe)
     eps_fn, guidance = _checks.eps_fn_and_guidance(eps_fn, guidance, x_T.dtype)
     dc = ratios is not None
-    x, traj, bad = _sample_jit(
-        eps_fn, x_T, plan, np.ones(plan.nfe) if ratios is None else ratios, guidance, dc, trajectory
+    ratios = np.ones(plan.nfe) if ratios is None else ratios
+    normalised = (eps_fn, x_T, ratios, guidance, dc)
+    if plan.nfe > MAX_UNROLLED_STEPS:
+        return None, normalised
+    compensable = config.solver != "ddim"
+    args = (eps_fn, x_T, ratios, plan.dc_times, guidance, _ByIdentity(plan), compensable)
+    return (_sample_unrolled_jit, args), normalised
+
+
+def _solve(eps_fn, x_T, plan: solvers.Plan, config: SolverConfig, ratios, guidance, *, trajectory):
+    """What `sample` and `sample_with_trajectory` share past the grid: check, normalise, run, check.
+
+    Without a trajectory and for at most `MAX_UNROLLED_STEPS` steps, the steps run unrolled with the plan
+    folded into the program (`solvers.run_unrolled`); when its output is not finite, the scan reruns the same
+    sampler to name the first non-finite model evaluation."""
+    call, (eps_fn, x_T, ratios, guidance, dc) = _unrolled_call(
+        eps_fn, x_T, plan, config, ratios, guidance
     )
+    if not trajectory and call is not None:
+        fn, args = call
+        x, finite = fn(*args)
+        if finite:
+            return x, None
+    x, traj, bad = _sample_jit(eps_fn, x_T, plan, ratios, guidance, dc, trajectory)
     name = "sample_with_trajectory" if trajectory else "sample"
     _checks.raise_non_finite(bad, plan.ts, f"{name}(solver={config.solver!r}, nfe={plan.nfe})")
     return x, traj
+
+
+def lower_sample(
+    eps_fn: Callable,
+    x_T: jax.Array,
+    schedule: diffusion.VPSchedule,
+    *,
+    nfe: int,
+    solver: str | SolverConfig,
+    ratios=None,
+    guidance: Guidance | None = None,
+    **options,
+) -> jax.stages.Lowered:
+    """The program `sample` runs for these arguments, lowered and not yet compiled (`.compile()` gives its
+    `memory_analysis()` and `cost_analysis()`, `.as_text()` its HLO). Same arguments as `sample`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from theorax.inference.dc_solver import lower_sample
+      >>> from theorax.models.diffusion import GaussianMixture, VPSchedule
+      >>> schedule = VPSchedule.named("sd_scaled_linear")
+      >>> mixture = GaussianMixture([0.5, 0.5], [[-1.0], [1.0]], [0.2, 0.2])
+      >>> compiled = lower_sample(mixture.eps_fn(schedule), jnp.ones((4, 1)), schedule, nfe=5,
+      ...                         solver="unipc").compile()
+      >>> compiled.memory_analysis().output_size_in_bytes >= 4 * 4  # x_0 (4, 1) float32 and a flag
+      True
+    """
+    config = solver_config(solver, **options)
+    _checks.check_schedule(schedule)
+    plan = solvers.make_plan(config, schedule, config.time_steps(schedule, nfe))
+    call, (eps_fn, x_T, ratios, guidance, dc) = _unrolled_call(
+        eps_fn, x_T, plan, config, ratios, guidance
+    )
+    if call is None:
+        return _sample_jit.lower(eps_fn, x_T, plan, ratios, guidance, dc, False)
+    fn, args = call
+    return fn.lower(*args)
 
 
 def sample(

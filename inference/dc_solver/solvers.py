@@ -313,8 +313,20 @@ def compensation_weights(ratio, times):
     return jnp.stack([w0, w1, w2])
 
 
-def compensate(buf, ratio, times, valid):
-    """Replaces the newest buffered prediction by its compensated value where `valid` (permanently)."""
+def compensate(buf, ratio, times, valid, weights=None):
+    """Replaces the newest buffered prediction by its compensated value where `valid` (permanently).
+
+    `buf` is the stacked buffer (M, ...) of the scan, with a traced `valid`, or the tuple of M arrays of the
+    unrolled steps, with the plan's bool `valid` (then nothing is emitted where it is False) and, optionally, the
+    step's `weights` computed beforehand (`run_unrolled` computes every step's at once). `times` are traced in
+    both: folded into constants, the weights' divisions would round differently (rho = 1 would no longer give
+    exactly (1, 0, 0))."""
+    if isinstance(buf, tuple):
+        if not valid:
+            return buf
+        w = compensation_weights(ratio, times) if weights is None else weights
+        w = w.astype(buf[-1].dtype)
+        return (*buf[:-1], _materialize(w[0] * buf[-1] + w[1] * buf[-2] + w[2] * buf[-3]))
     w = compensation_weights(ratio, times).astype(buf.dtype)
     m = buf.shape[0]
     new = w[0] * buf[m - 1] + w[1] * buf[m - 2] + w[2] * buf[m - 3]
@@ -331,15 +343,16 @@ def model_eps(eps_fn: Callable, x, t, guidance: Guidance | None):
     return diffusion.classifier_free_guidance(eps_fn, x, t, guidance.labels, guidance.scale)
 
 
-def _data_prediction(eps_fn, guidance, x, t, alpha, sigma):
-    eps = model_eps(eps_fn, x, t, guidance)
+def _data_prediction(eps_fn, guidance, x, t, alpha, sigma, check: bool = True):
+    """x0 = (x - sigma eps) / alpha and whether eps is finite (None without `check`)."""
+    eps = model_eps(eps_fn, x, jnp.asarray(t, x.dtype), guidance)
     if eps.shape != x.shape:
         raise ValueError(
             f"eps_fn returned shape {eps.shape} for input of shape {x.shape}; it must return the "
             "noise prediction with the input's shape"
         )
     eps = eps.astype(x.dtype)
-    return (x - sigma * eps) / alpha, jnp.all(jnp.isfinite(eps))
+    return (x - sigma * eps) / alpha, jnp.all(jnp.isfinite(eps)) if check else None
 
 
 def _rows(plan: Plan, dtype):
@@ -360,6 +373,11 @@ def _rows(plan: Plan, dtype):
 
 
 def _combine(coef, buf):
+    """sum_j coef_j m_j: a contraction over the stacked buffer, or, over the tuple buffer of the unrolled steps,
+    one sum of the terms whose (float64, host) coefficient is not zero, which XLA fuses into one loop."""
+    if isinstance(buf, tuple):
+        terms = [float(c) * m for c, m in zip(coef, buf, strict=True) if c != 0.0]
+        return functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(buf[-1])
     return jnp.tensordot(coef, buf, axes=1)
 
 
@@ -368,16 +386,31 @@ def step(eps_fn, guidance, x, buf, row, ratio, *, dc: bool, evaluate: bool):
 
     Returns (x_{i+1}, the buffer after this step, finite flag of the model output). With evaluate=False
     (the last step) the predictor's output is returned and the buffer is left as it is.
+
+    Two forms of the same step: inside the scan (`run`) the buffer is one stacked array and the row holds
+    traced coefficients; unrolled (`run_unrolled`) the buffer is a tuple of arrays and the row holds the plan's
+    own float64 numbers, so every coefficient is a constant of the program, zero terms and the corrector switch
+    are resolved while tracing, and the buffer is never copied to shift it. The finite flag is then not
+    computed (None): the unrolled run checks its output once instead.
     """
+    unrolled = isinstance(buf, tuple)
+    scalar = float if unrolled else (lambda a: a)
     if dc:
-        buf = compensate(buf, ratio, row["dc_times"], row["dc_valid"])
-    x_pred = row["pred_x"] * x + _combine(row["pred_m"], buf)
+        buf = compensate(buf, ratio, row["dc_times"], row["dc_valid"], row.get("dc_weights"))
+    x_pred = scalar(row["pred_x"]) * x + _combine(row["pred_m"], buf)
+    if unrolled and evaluate:
+        x_pred = _materialize(x_pred)
     if not evaluate:
         return x_pred, buf, jnp.array(True)
-    m_new, finite = _data_prediction(
-        eps_fn, guidance, x_pred, row["t_next"], row["alpha_next"], row["sigma_next"]
-    )
-    x_corr = row["pred_x"] * x + _combine(row["corr_m"], buf) + row["corr_new"] * m_new
+    t, alpha, sigma = (scalar(row[k]) for k in ("t_next", "alpha_next", "sigma_next"))
+    m_new, finite = _data_prediction(eps_fn, guidance, x_pred, t, alpha, sigma, check=not unrolled)
+    if unrolled:
+        m_new = _materialize(m_new)
+    x_corr = scalar(row["pred_x"]) * x + _combine(row["corr_m"], buf)
+    x_corr = x_corr + scalar(row["corr_new"]) * m_new
+    if unrolled:
+        x_next = _materialize(x_corr if row["corrector"] > 0 else x_pred)
+        return x_next, (*buf[1:], m_new), None
     x_next = jnp.where(row["corrector"] > 0, x_corr, x_pred)
     buf = jnp.concatenate([buf[1:], m_new[None]], axis=0)
     return x_next, buf, finite
@@ -465,3 +498,65 @@ def run(
     if trajectory:
         traj = jnp.concatenate([traj, x[None]], axis=0)
     return x, traj, outs, bad
+
+
+def run_unrolled(
+    eps_fn, x_T, plan: Plan, ratios, guidance: Guidance | None, *, dc: bool, dc_times=None
+):
+    """The sampler of `run` (given ratios, no trajectory) with its steps unrolled (traceable; `sample` jits it).
+
+    The number of steps is static, so the steps are traced one after another instead of scanned: the plan's
+    coefficients become constants of the program (its float64 numbers, rounded to the state's dtype where they
+    multiply it, as the scan's rows are), the buffer is a tuple of arrays that is never copied, each linear
+    combination of the solver is one fused loop, and there is no per-step loop machinery. Same maths as `run`.
+
+    Instead of a finite flag per model evaluation, the output is checked once: every evaluation enters the next
+    step's predictor with a nonzero weight, and every state enters the next with weight sigma_{i+1} / sigma_i,
+    so a non-finite model output leaves the output non-finite. The caller then reruns `run` to find it.
+
+    Args:
+      eps_fn, x_T, guidance, dc: as for `run`.
+      plan: the plan's float64 numpy arrays themselves (not device arrays): they are read while tracing.
+      ratios: (nfe,) compensation ratios (traced).
+      dc_times: with `dc`, the plan's `dc_times` (nfe, 3) as a traced array of the state's dtype (see
+        `compensate`).
+
+    Returns:
+      (x_0, whether every element of x_0 is finite).
+    """
+    nfe = plan.nfe
+    rows = {
+        "t_next": plan.ts[1:],
+        "alpha_next": plan.alphas[1:],
+        "sigma_next": plan.sigmas[1:],
+        "pred_x": plan.pred_x,
+        "pred_m": plan.pred_m,
+        "corr_m": plan.corr_m,
+        "corr_new": plan.corr_new,
+        "corrector": plan.corrector,
+        "dc_times": dc_times if dc else plan.dc_times,
+        "dc_valid": plan.dc_valid,
+    }
+    if dc:  # every step's compensation weights in one small computation, (nfe, 3)
+        rows["dc_weights"] = compensation_weights(ratios, dc_times.T).T
+    t0, alpha0, sigma0 = float(plan.ts[0]), float(plan.alphas[0]), float(plan.sigmas[0])
+    m0, _ = _data_prediction(eps_fn, guidance, x_T, t0, alpha0, sigma0, check=False)
+    m0 = _materialize(m0)
+    m = plan.pred_m.shape[1]
+    buf = (*[jnp.zeros_like(x_T)] * (m - 1), m0)
+    x = x_T
+    for i in range(nfe):
+        row = {k: v[i] for k, v in rows.items()}
+        x, buf, _ = step(eps_fn, guidance, x, buf, row, ratios[i], dc=dc, evaluate=i < nfe - 1)
+    return x, jnp.all(jnp.isfinite(x))
+
+
+def _materialize(a):
+    """`a` itself (bitwise), written so that XLA computes it once and does not fuse its computation into every
+    consumer: updating its first element with its own value is a root XLA does not duplicate. Without it,
+    XLA:CPU inlines each step's cheap linear combinations into all later ones, recomputing the whole
+    trajectory inside every step (reads quadratic in NFE instead of linear)."""
+    if a.ndim == 0:
+        return a
+    start = (0,) * a.ndim
+    return jax.lax.dynamic_update_slice(a, jax.lax.slice(a, start, (1,) * a.ndim), start)

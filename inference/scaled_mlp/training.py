@@ -18,7 +18,7 @@ step's randomness is `fold_in(key, step)`, so a resumed run repeats exactly what
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -207,12 +207,15 @@ def make_train_step(
     key: jax.Array,
     *,
     linear_probe: bool = False,
+    compiler_options: Mapping[str, str | bool | int] | None = None,
 ) -> Callable:
     """Returns `step(state, images, labels, step) -> (state, metrics)`, jitted with `state` donated.
 
     `images` are uint8-valued (N, H, W, C) (sharded over the data axis), `labels` int (N,), `step` the global
     step number (its randomness is `fold_in(key, step)`). Metrics: loss, train accuracy (a hit matches either
-    mixup label), gradient norm.
+    mixup label), gradient norm. `compiler_options` are XLA options for this one program
+    (`jax.jit(..., compiler_options=...)`); none by default. The experiment passes its machine's
+    (`experiments.scaled_mlp.cpu_tuning`); they change how the step is compiled, never what it computes.
     """
 
     def loss_fn(params, x, y, y2, lam):
@@ -245,7 +248,8 @@ def make_train_step(
         metrics = {"loss": loss, "train_accuracy": acc, "grad_norm": optax.tree.norm(grads)}
         return {"params": params, "opt_state": opt_state}, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    options = dict(compiler_options) if compiler_options else None
+    return jax.jit(step, donate_argnums=0, compiler_options=options)
 
 
 def make_eval_step(model: ScaledMLP, recipe: Recipe) -> Callable:
