@@ -52,7 +52,8 @@ class FitOptions:
       batch_size: the sparse DKM's minibatch (None: all training points); each epoch drops the last
         incomplete batch, as the official loader.
       lr_milestones: epochs at which Adam's learning rate is multiplied by 0.1 (official MultiStepLR).
-      chunk: L-BFGS iterations per compiled call.
+      chunk: epochs (Adam) or iterations (L-BFGS) per compiled call; None: Adam enough epochs for >= 32
+        minibatch steps, L-BFGS 50.
       seed: the PRNG seed (inducing-point subset, permutations, Monte Carlo draws).
     """
 
@@ -63,7 +64,7 @@ class FitOptions:
     b2: float = 0.9
     batch_size: int | None = None
     lr_milestones: tuple[int, ...] = ()
-    chunk: int = 50
+    chunk: int | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -76,7 +77,8 @@ class FitOptions:
                 raise ValueError(f"{name}={getattr(self, name)!r} must lie in [0, 1)")
         if self.batch_size is not None:
             _checks.positive_int(self.batch_size, "batch_size")
-        _checks.positive_int(self.chunk, "chunk")
+        if self.chunk is not None:
+            _checks.positive_int(self.chunk, "chunk")
         object.__setattr__(self, "lr_milestones", tuple(int(m) for m in self.lr_milestones))
 
 
@@ -93,9 +95,10 @@ class Trainer:
     Attributes:
       spec: the `DKMSpec`.
       init_state: {"params", "opt"}: the NNGP-initialised parameters and the optimiser state.
-      step: (state, i) -> (state, metrics): epoch i (Adam) or L-BFGS chunk i, one compiled call; metrics
-        (device scalars) are the mean objective per datapoint ("objective"), the loss (its negative) and the
-        largest jitter escalation ("jitter_level").
+      step: (state, i) -> (state, metrics): chunk i of `FitOptions.chunk` epochs (Adam) or iterations
+        (L-BFGS), one compiled call; metrics (device scalars) are the objective per datapoint of the chunk's
+        last epoch ("objective"), the loss (its negative) and the largest jitter escalation ("jitter_level").
+        It donates `state`.
       num_steps: calls to `step` that make the whole fit.
       x, y: the training data on the device (as the spec's dtype / labels).
     """
@@ -134,15 +137,16 @@ def _adam(options: FitOptions, steps_per_epoch: int) -> optax.GradientTransforma
     return optax.adam(lr, b1=options.b1, b2=options.b2)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "options", "batch"), donate_argnums=0)
-def _adam_epoch(state, x, y, epoch, *, spec: DKMSpec, options: FitOptions, batch: int):
+@functools.partial(
+    jax.jit, static_argnames=("spec", "options", "batch", "epochs"), donate_argnums=0
+)
+def _adam_epochs(
+    state, x, y, first_epoch, *, spec: DKMSpec, options: FitOptions, batch: int, epochs: int
+):
+    """`epochs` epochs of Adam from epoch `first_epoch`: a scan over epochs of a scan over minibatches."""
     n = x.shape[0]
     steps = n // batch
     tx = _adam(options, steps)
-    key = jax.random.fold_in(jax.random.key(options.seed), epoch)
-    k_perm, k_mc = jax.random.split(key)
-    order = jax.random.permutation(k_perm, n) if batch < n else jnp.arange(n)
-    order = order[: steps * batch].reshape(steps, batch)
     grad_fn = jax.value_and_grad(functools.partial(_loss, spec, n), has_aux=True)
 
     def one(carry, inputs):
@@ -152,11 +156,18 @@ def _adam_epoch(state, x, y, epoch, *, spec: DKMSpec, options: FitOptions, batch
         updates, opt = tx.update(grads, opt, params)
         return (optax.apply_updates(params, updates), opt), (loss, level)
 
-    keys = jax.random.split(k_mc, steps)
-    (params, opt), (losses, levels) = lax.scan(one, (state["params"], state["opt"]), (order, keys))
+    def epoch(carry, e):
+        key = jax.random.fold_in(jax.random.key(options.seed), first_epoch + e)
+        k_perm, k_mc = jax.random.split(key)
+        order = jax.random.permutation(k_perm, n) if batch < n else jnp.arange(n)
+        order = order[: steps * batch].reshape(steps, batch)
+        return lax.scan(one, carry, (order, jax.random.split(k_mc, steps)))
+
+    carry = (state["params"], state["opt"])
+    (params, opt), (losses, levels) = lax.scan(epoch, carry, jnp.arange(epochs))
     metrics = {
-        "loss": jnp.mean(losses),
-        "objective": -jnp.mean(losses),
+        "loss": jnp.mean(losses[-1]),
+        "objective": -jnp.mean(losses[-1]),
         "jitter_level": jnp.max(levels),
     }
     return {"params": params, "opt": opt}, metrics
@@ -229,20 +240,22 @@ def make_trainer(
     params = _init(spec, x, y, jax.random.key(options.seed))
     if options.optimizer == "adam":
         opt = _adam(options, n // batch).init(params)
-        step = lambda state, i: _adam_epoch(
-            state, x, y, jnp.asarray(i), spec=spec, options=options, batch=batch
-        )  # noqa: E731
-        num_steps = options.steps
+        chunk = options.chunk or min(options.steps, -(-32 // (n // batch)))
     else:
         opt = _lbfgs().init(params)
-        chunks = -(-options.steps // options.chunk)
-        last = options.steps - (chunks - 1) * options.chunk
+        chunk = options.chunk or 50
+    num_steps = -(-options.steps // chunk)
+    last = options.steps - (num_steps - 1) * chunk
 
-        def step(state, i):
-            iters = options.chunk if i < chunks - 1 else last
-            return _lbfgs_chunk(state, x, y, spec=spec, options=options, iters=iters)
+    def step(state, i):
+        size = chunk if i < num_steps - 1 else last
+        if options.optimizer == "adam":
+            first = jnp.asarray(i * chunk)
+            return _adam_epochs(
+                state, x, y, first, spec=spec, options=options, batch=batch, epochs=size
+            )
+        return _lbfgs_chunk(state, x, y, spec=spec, options=options, iters=size)
 
-        num_steps = chunks
     # Fresh buffers: an optimiser state may alias the parameters, and the step donates both.
     opt = jax.tree.map(jnp.copy, opt)
     return Trainer(spec, {"params": params, "opt": opt}, step, num_steps, x, y)
@@ -281,7 +294,8 @@ def fit(
         objective; categorical: the variational output at every training point).
       model: `ModelOptions` (initial hyper-parameters, what is learned, jitter, dtype, ...).
       options: `FitOptions` (optimizer, steps, lr, batch size, seed).
-      callback: called as callback(i, metrics) after every epoch / L-BFGS chunk with host floats.
+      callback: called as callback(i, metrics) after every chunk of epochs / L-BFGS iterations with host
+        floats (one chunk behind the device).
 
     Returns:
       The fitted `DKMState` (use `predict`).

@@ -22,6 +22,7 @@ k_t - diag(K_ti K_ii^-1 K_it) + diag(K_ti K_ii^-1 A K_ii^-1 K_it): the same form
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -127,6 +128,7 @@ def objective(
     mc_samples: int = 100,
     output_kl_scale: float = 1.0,
     jitter: float = linalg.JITTER,
+    dtype: str = "float64",
 ) -> jax.Array:
     r"""The full-data DKM objective L(G_1..G_L) = log P(Y | G_L) - sum_l nu_l KL(N(0, G_l) || N(0, K(G_{l-1}))).
 
@@ -149,6 +151,7 @@ def objective(
       mc_samples: Monte Carlo samples of the categorical expectation.
       output_kl_scale: s, the weight of the output KL in the categorical ELBO.
       jitter: the first jitter of the kernel factorisations.
+      dtype: "float64" (computed in a `jax.enable_x64` scope) or "float32".
 
     Returns:
       The objective, a scalar (a sum over training points, not a mean).
@@ -159,6 +162,15 @@ def objective(
     >>> bool(jnp.isclose(objective([g1], x, y, nu=1.0, jitter=0.0), objective([g1], x, y, nu=10.0, jitter=0.0)))
     True
     """
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype={dtype!r} must be 'float32' or 'float64'")
+    with jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext():
+        return _objective(grams, x, y, nu, kernel, kernel_params, noise_var, likelihood, output, key,
+                          mc_samples, output_kl_scale, jitter)  # fmt: skip
+
+
+def _objective(grams, x, y, nu, kernel, kernel_params, noise_var, likelihood, output, key, mc_samples,
+               output_kl_scale, jitter):  # fmt: skip
     depth = len(grams)
     nu = _as_layers(nu, depth)
     x, y = _checks.data(x, y, likelihood)
