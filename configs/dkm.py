@@ -10,7 +10,7 @@ r"""Deep kernel machines (Yang et al., ICML 2023): regression against GP baselin
 
 Presets:
   smoke     seconds (tests): a small diabetes regression (full DKM, NNGP, JAX exact GP), a 2-width DGP check.
-  cpu       the demo, a few minutes: scikit-learn's diabetes set on 5 random 90/10 splits (full DKM, NNGP,
+  cpu       the demo, a few minutes: scikit-learn's diabetes set on 3 random 90/10 splits (full DKM, NNGP,
             a JAX exact RBF GP fitted by marginal likelihood; GPyTorch's exact GP and SVGP when the interop
             extra is installed), and a DGP sweep over widths 2..16.
   uci       the nine UCI regression sets on their standard splits (20; protein 5): sparse DKM, sparse NNGP
@@ -87,18 +87,21 @@ def base() -> ml_collections.ConfigDict:
 
     d = c.dgp = ml_collections.ConfigDict()
     d.widths = (2, 4, 8, 16, 32, 64)
-    d.num_points = 12
+    d.num_points = 6
+    d.input_dim = (
+        6  # 0: x on a 1-D grid (ill-conditioned Grams); > 0: x ~ N(0, I) in this many dimensions
+    )
     d.kernel = "sqexp"
     d.noise_var = 0.1
     d.nu = 1.0  # nu_l = N_l / N: both hidden layers N wide
     d.jitter = 1e-6
-    d.chains = 4
-    d.warmup = 1000
-    d.samples = 2000
+    d.chains = 2
+    d.warmup = 300
+    d.samples = 500
     d.max_tree_depth = 8
     d.seed = 0
     d.dkm_optimizer = "lbfgs"  # how the DKM optimum is found (adam: epochs = full-batch steps)
-    d.dkm_steps = 500  # its iterations
+    d.dkm_steps = 5000  # its iterations (ill-conditioned Grams: L-BFGS needs thousands)
 
     k = c.classify = ml_collections.ConfigDict()
     k.data = ml_collections.ConfigDict()
@@ -144,9 +147,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
         r.svgp.num_inducing = 100
         r.dkm.optimizer = "lbfgs"
         r.dkm.steps = 150
+        r.splits = 3
         c.dgp.widths = (2, 4, 8, 16)
-        c.dgp.warmup = 500
-        c.dgp.samples = 1000
     elif arg == "uci":
         c.parts = ("regression",)
         r = c.regression
