@@ -52,7 +52,9 @@ def _dkm_model() -> ml_collections.ConfigDict:
     m.optimizer = "adam"  # adam | lbfgs (full batch)
     m.steps = 300  # Adam: epochs; L-BFGS: iterations
     m.lr = 0.01  # Adam(0.01, betas (0.8, 0.9)): the paper's settings
-    m.batch_size = 256  # the sparse DKM's minibatch (capped at the training set's size)
+    m.batch_size = (
+        256  # the sparse DKM's Adam minibatch (capped at the training set's size; L-BFGS: full)
+    )
     m.min_minibatch_steps = 3000  # small sets: at least this many minibatch steps (more epochs)
     m.mc_samples = 32  # categorical: Monte Carlo draws per point in training
     m.float64 = True
@@ -143,10 +145,12 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
         d.dkm_steps = 3
     elif arg == "cpu":
         r = c.regression
-        r.dkm.num_inducing = 0  # diabetes is small: the full-data DKM
-        r.svgp.num_inducing = 100
-        r.dkm.optimizer = "lbfgs"
-        r.dkm.steps = 150
+        # The sparse DKM, as on the UCI sets. Fitted to convergence by L-BFGS, both the full-data DKM (noise -> 3e-9,
+        # test log-likelihood -587 on split 0) and the 100-inducing-point one (-16.5) overfit diabetes at nu = 1;
+        # Adam for 500 minibatch steps, as the UCI runs here, is the setting reported.
+        r.dkm.num_inducing = 50
+        r.dkm.steps = 20
+        r.dkm.min_minibatch_steps = 500
         r.splits = 3
         c.dgp.widths = (2, 4, 8, 16)
     elif arg == "uci":

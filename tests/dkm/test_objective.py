@@ -147,6 +147,7 @@ def test_propagated_test_diagonals_are_non_negative_and_consistent():
         np.testing.assert_allclose(same.t, k.t, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.slow  # ~2 min of the loaded CPU: two float64 DKMs built, evaluated and predicted eagerly
 def test_sparse_dkm_with_inducing_points_at_the_data_equals_the_full_dkm():
     x, y = _data(4, p=10)
     opts = dkm.ModelOptions(jitter=0.0, noise_var=0.05)
