@@ -50,12 +50,19 @@ def test_nu_infinity_fit_is_the_nngp_exactly():
     np.testing.assert_allclose(np.asarray(k_out), g3, rtol=1e-14)
 
 
-def test_nngp_initialisation_reproduces_the_nngp_and_zeroes_every_kl():
+def _relu_two_layers():
+    """Data, fixed ReLU hyper-parameters and their NNGP Grams G_1, G_2."""
     x, y = _data(1)
     params = {"weight_var": 1.0, "bias_var": 0.1}
     opts = dkm.ModelOptions(learn_kernel=False, learn_noise=False, kernel_params=params, jitter=0.0)
     with jax.enable_x64(True):
         nngp = [np.asarray(dkm.nngp_gram(jnp.asarray(x), d, "relu", params)) for d in (1, 2)]
+    return x, y, params, opts, nngp
+
+
+def test_nngp_initialisation_reproduces_the_nngp_and_zeroes_every_kl():
+    x, y, params, opts, nngp = _relu_two_layers()
+    with jax.enable_x64(True):
         trainer = dkm.make_trainer(x, y, depth=2, nu=1.0, model=opts)
         init = dkm.gram_matrices(trainer.state(trainer.init_state))[0]
         for g, want in zip(init, nngp, strict=True):
@@ -70,11 +77,7 @@ def test_nngp_initialisation_reproduces_the_nngp_and_zeroes_every_kl():
 
 @pytest.mark.slow
 def test_large_nu_keeps_the_optimum_at_the_nngp_and_nu_one_moves_away():
-    x, y = _data(1)
-    params = {"weight_var": 1.0, "bias_var": 0.1}
-    opts = dkm.ModelOptions(learn_kernel=False, learn_noise=False, kernel_params=params, jitter=0.0)
-    with jax.enable_x64(True):
-        nngp = [np.asarray(dkm.nngp_gram(jnp.asarray(x), d, "relu", params)) for d in (1, 2)]
+    x, y, _, opts, nngp = _relu_two_layers()
     # a large finite nu keeps the optimum at the NNGP (to O(1 / nu))
     fitted = dkm.fit(
         x, y, depth=2, nu=1e6, model=opts, options=dkm.FitOptions(optimizer="lbfgs", steps=40)
