@@ -70,8 +70,12 @@ def base() -> ml_collections.ConfigDict:
     # The analysis (rib's paper configs: jacobian basis, squared edges, gradient (alpha = 1), centred, float64).
     c.analysis = ml_collections.ConfigDict()
     c.analysis.bases = ("lib", "pca", "neuron")
-    c.analysis.threshold = 1e-12  # relative: keep eigenvalues > threshold * the largest (Gram and Lambda)
-    c.analysis.absolute_threshold = 0.0  # > 0: rib's absolute threshold instead (its paper configs: 1e-15)
+    c.analysis.threshold = (
+        1e-12  # relative: keep eigenvalues > threshold * the largest (Gram and Lambda)
+    )
+    c.analysis.absolute_threshold = (
+        0.0  # > 0: rib's absolute threshold instead (its paper configs: 1e-15)
+    )
     c.analysis.dtype = "float64"
     c.analysis.batch_size = 512  # examples per accumulation step (memory is bounded by it)
     c.analysis.integration = "gradient"  # gradient | trapezoidal | gauss-legendre
@@ -101,6 +105,8 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
     c = base()
     c.preset = arg
     if arg == "smoke":
+        c.tasks = ("mlp",)
+        c.analysis.bases = ("lib", "pca")
         c.mlp.hidden = (16, 16)
         c.mlp.epochs = 2
         c.mlp.n_basis = 300

@@ -21,7 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from matplotlib.figure import Figure
 from theorax.experiments import runtime
+from theorax.inference import interaction_basis as ib
+from theorax.inference.interaction_basis import ablation, modularity
 from theorax.models import interaction_basis as models
 
 TASKS = ("mlp", "modadd")
@@ -35,7 +38,9 @@ def validate(config) -> None:
     check(len(config.tasks) >= 1, "tasks must name at least one of mlp, modadd")
     for task in config.tasks:
         runtime.check_choice("tasks", task, TASKS)
-    runtime.check_choice("mlp.data.name", config.mlp.data.name, ("digits", "mnist", "fashion_mnist"))
+    runtime.check_choice(
+        "mlp.data.name", config.mlp.data.name, ("digits", "mnist", "fashion_mnist")
+    )
     if config.mlp.data.name != "digits":
         check(
             bool(config.mlp.data.dir),
@@ -129,7 +134,9 @@ def train_modadd(config, seed: int, wd: runtime.Workdir) -> Trained:
 
     mc = config.modadd
     done = wd.file("trained.json")
-    if os.path.exists(done):  # an earlier run stopped early: its last checkpoint is the trained network
+    if os.path.exists(
+        done
+    ):  # an earlier run stopped early: its last checkpoint is the trained network
         state, _ = wd.checkpointer(mc.eval_every).restore(state)
     else:
         state = _train_until_grokked(wd, state, step_fn, evaluate, mc, desc=f"modadd seed {seed}")
@@ -154,6 +161,7 @@ def _train_until_grokked(wd, state, step_fn, evaluate, mc, desc: str):
     """`runtime.train` for `mc.epochs` steps, evaluating every `eval_every`; with `stop_accuracy` > 0 it stops
     once test accuracy has stayed at or above it for `stop_patience` epochs (decided from the logged history,
     so a resumed run stops where an uninterrupted one would)."""
+
     def on_checkpoint(step, state):
         row = evaluate(step, state)
         if mc.stop_accuracy > 0:
@@ -234,6 +242,267 @@ def train_mlp(config, seed: int, wd: runtime.Workdir, data) -> Trained:
     )  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------- analysis
+
+# The paper's modular-addition numbers (reference notes Sec. 3, computed from rib's committed graphs, 5 seeds).
+PAPER_MODADD = {
+    "sizes": {"lib": ["115", "96-126", "116"], "pca": ["115", "122-129", "129"]},
+    "edges_first": {"lib": [133, 80, 71, 58, 91], "pca": [167, 76, 99, 115, 130]},
+    "edges_mean": {"lib": [87, 74, 634], "pca": [117, 85, 663]},
+    "concentration90": {"lib": [[17, 24, 27, 19, 40], [18, 23, 30, 20, 49]],
+                        "pca": [[51, 29, 38, 23, 75], [37, 27, 39, 24, 85]]},
+    "nodes99": {"lib": [[13, 9, 8, 8, 13], [17, 13, 15, 13, 17], [8, 10, 7, 7, 9]],
+                "pca": [[13, 9, 10, 8, 13], [17, 13, 15, 13, 17], [8, 10, 7, 7, 9]]},
+    "lambda_above_1e-4": [[14, 10, 12, 10, 15], [17, 15, 17, 13, 19], [9, 10, 10, 9, 12]],
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """What the analysis needs of a trained network: sections, node layers and folded data."""
+
+    sections: list
+    names: list[str]
+    basis_inputs: np.ndarray  # node layer 0 on the data the bases are built on (train)
+    eval_inputs: np.ndarray  # node layer 0 on the data ablations are scored on (test)
+    eval_labels: np.ndarray
+    loss_fn: object  # (params, (x, y)) -> mean cross-entropy, for the LLC
+    llc_data: tuple
+    relu_layers: dict  # name -> (activations (N, d), d_in, d_out)
+
+
+def mlp_network(config, trained: Trained, data) -> Network:
+    x_train, y_train, x_test, y_test = data
+    params = trained.params
+    n = min(config.mlp.n_basis, len(x_train))
+    sections = models.mlp_sections(params)
+
+    def loss_fn(p, batch):
+        return optax.softmax_cross_entropy_with_integer_labels(
+            models.mlp_apply(p, batch[0]), batch[1]
+        ).mean()
+
+    relu, h = {}, jnp.asarray(x_train[:n])
+    layers = params["layers"]
+    for k, layer in enumerate(layers[:-1]):
+        h = jax.nn.relu(h @ layer["W"] + layer["b"])
+        relu[f"layers.{k + 1}"] = (np.asarray(h), layer["W"].shape[0], layers[k + 1]["W"].shape[1])
+    fold = lambda x: np.asarray(models.fold_input(jnp.asarray(x, jnp.float32)))  # noqa: E731
+    return Network(sections, models.mlp_node_layers(params), fold(x_train[:n]), fold(x_test),
+                   np.asarray(y_test), loss_fn, (jnp.asarray(x_train), jnp.asarray(y_train)),
+                   relu)  # fmt: skip
+
+
+def modadd_network(config, trained: Trained) -> Network:
+    task = modadd_task(config)
+    params = trained.params
+    tokens = jnp.asarray(task.tokens)
+
+    def loss_fn(p, batch):
+        return optax.softmax_cross_entropy_with_integer_labels(
+            models.transformer_logits(p, batch[0]), batch[1]
+        ).mean()
+
+    inputs = np.asarray(models.transformer_inputs(params, tokens))
+    x_train = tokens[task.train]
+    resid = models.embed(params, x_train)
+    ones = jnp.ones((*resid.shape[:-1], 1))
+    last = jax.vmap(lambda r, c: r[-1] + models._attend_last(params, r, c))(resid, ones)
+    hidden = jax.nn.relu(last @ params["W_in"] + params["b_in"])
+    relu = {"mlp hidden": (np.asarray(hidden), params["W_in"].shape[0], params["W_out"].shape[1])}
+    return Network(models.transformer_sections(params), models.transformer_node_layers(),
+                   inputs[task.train], inputs[~task.train], task.labels[~task.train], loss_fn,
+                   (x_train, jnp.asarray(task.labels[task.train])), relu)  # fmt: skip
+
+
+def _basis_kwargs(config) -> dict:
+    ac = config.analysis
+    return dict(
+        threshold=ac.threshold,
+        absolute_threshold=ac.absolute_threshold or None,
+        integration=ac.integration,
+        n_intervals=ac.n_intervals,
+        batch_size=ac.batch_size,
+        dtype=ac.dtype,
+    )
+
+
+def nodes_for_fraction(curve: dict, baseline: float, fraction: float = 0.99) -> int:
+    """The fewest directions kept whose accuracy is >= fraction x baseline (on the evaluated points)."""
+    ok = [n for n, acc in curve.items() if acc >= fraction * baseline]
+    return min(ok) if ok else max(curve)
+
+
+def analyse(config, net: Network, trained: Trained, wd: runtime.Workdir, tag: str) -> dict:
+    """Bases, edges, ablations, modularity, degeneracy and LLC of one trained network."""
+    ac = config.analysis
+    kw = _basis_kwargs(config)
+    out = {"node_layers": net.names, "bases": {}, "edges": {}, "nodes": {}, "modularity": {}}
+    bases_all, edges_all = {}, {}
+    for basis in ac.bases:
+        bases = ib.interaction_basis(
+            net.sections, net.basis_inputs, basis=basis, names=net.names, **kw
+        )
+        edges = ib.interaction_edges(net.sections, net.basis_inputs, bases, integration=ac.integration,
+                                     n_intervals=ac.n_intervals, batch_size=ac.batch_size,
+                                     dtype=ac.dtype)  # fmt: skip
+        bases_all[basis], edges_all[basis] = bases, edges
+        lam = [None if b.eigenvalues is None else b.eigenvalues.tolist() for b in bases]
+        out["bases"][basis] = {
+            "sizes": [b.size for b in bases],
+            "eigenvalues": lam,
+            "eigenvalue_max": [
+                None if b.eigenvalues is None else float(b.eigenvalues.max()) for b in bases
+            ],
+            "gram_eigenvalue_max": [
+                None if b.gram_eigenvalues is None else float(b.gram_eigenvalues.max())
+                for b in bases
+            ],
+            "above_1e-4_of_max": [
+                None
+                if b.eigenvalues is None
+                else int(np.sum(b.eigenvalues > 1e-4 * b.eigenvalues.max()))
+                for b in bases
+            ],
+        }
+        # Node ablation in every layer with a basis (float32, as rib's ablation configs).
+        curves, needed = [], []
+        for k, b in enumerate(bases[:-1]):
+            n_kept = ablation.schedule(ac.node_schedule, b.size, ac.node_points, n_min=1)
+            curve = ablation.node_ablation(net.sections, net.eval_inputs, net.eval_labels, bases, k,
+                                           n_kept, dtype="float32")  # fmt: skip
+            curves.append(curve)
+            needed.append(nodes_for_fraction(curve, curve[b.size]))
+        out["nodes"][basis] = {"curves": curves, "n_for_99pct": needed}
+        # Edge ablation on every transition: the fewest edges within score_target_difference (bisect), and
+        # the edge-mass concentration (edges holding 90% of the mass, the constant column excluded).
+        transitions = []
+        for k in range(len(bases) - 1):
+            res = ablation.edge_ablation(
+                net.sections, net.eval_inputs, net.eval_labels, bases, edges[k], k,
+                schedule_kind=ac.edge_schedule,
+                n_kept=ablation.schedule("exponential", len(ablation.edge_order(edges[k], bases[k].constant_index)), ac.edge_points)
+                if ac.edge_schedule != "bisect" else None,
+                score_target_difference=ac.score_target_difference, dtype="float32",
+            )  # fmt: skip
+            res["concentration90"] = ablation.mass_concentration(
+                edges[k], 0.9, bases[k].constant_index
+            )
+            res["total_edges"] = int(edges[k].size)
+            res["scores"] = {int(n): v for n, v in res["scores"].items()}
+            transitions.append(res)
+        out["edges"][basis] = transitions
+        if ac.edge_schedule == "bisect":
+            eps = [max(t["epsilon"], 1e-300) for t in transitions]
+            mods = modularity.leiden_modules(edges, eps, [b.constant_index for b in bases],
+                                             gamma=ac.modularity_gamma, seed=ac.modularity_seed)  # fmt: skip
+            out["modularity"][basis] = {
+                "modularity": mods.modularity, "num_modules": mods.num_modules,
+                "module_sizes": mods.module_sizes()[:10], "gamma": ac.modularity_gamma,
+            }  # fmt: skip
+            if basis == "lib":
+                _plot_graph(wd, tag, mods, net.names, ac.draw_nodes_per_layer)
+    out["degeneracy"] = degeneracy_measures(config, net)
+    out["llc"] = llc_measure(config, net, trained)
+    _plot_spectra(wd, tag, out)
+    _plot_ablations(wd, tag, out)
+    return out
+
+
+def degeneracy_measures(config, net: Network) -> dict:
+    ac = config.analysis
+    layers = ib.linear_degeneracy(net.sections, net.basis_inputs, threshold=ac.threshold,
+                                  batch_size=ac.batch_size, dtype=ac.dtype, names=net.names)  # fmt: skip
+    relu = {}
+    for name, (acts, d_in, d_out) in net.relu_layers.items():
+        sync = ib.synchronised_relus(acts, d_in, d_out)
+        relu[name] = {
+            "width": int(acts.shape[1]),
+            "groups": [len(g) for g in sync.groups],
+            "dead": len(sync.dead),
+            "always_on": len(sync.always_on),
+            "free_directions": sync.free_directions,
+        }
+    return {"layers": [dataclasses.asdict(d) for d in layers], "relu": relu}
+
+
+def llc_measure(config, net: Network, trained: Trained) -> dict | None:
+    lc = config.llc
+    if not lc.enabled:
+        return None
+    n = int(net.llc_data[1].shape[0])
+    est = ib.llc(net.loss_fn, trained.params, net.llc_data, jax.random.key(1000 + trained.seed),
+                 num_chains=lc.num_chains, num_draws=lc.num_draws, num_burnin=lc.num_burnin,
+                 step_size=lc.step_size, localization=lc.localization,
+                 batch_size=min(lc.batch_size, n))  # fmt: skip
+    d = sum(int(np.size(p)) for p in jax.tree.leaves(trained.params))
+    return {"llc_mean": est.llc_mean, "llc_std": est.llc_std, "llc_per_chain": est.llc_per_chain.tolist(),
+            "nbeta": est.nbeta, "init_loss": est.init_loss, "num_parameters": d,
+            "n_eff": 2 * est.llc_mean}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- plots
+
+
+def _plot_spectra(wd, tag, out) -> None:
+    names = out["node_layers"]
+    bases = [b for b in ("lib", "pca") if b in out["bases"]]
+    n = len(names) - 1
+    fig = Figure(figsize=(4 * n, 3.3))
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for k, ax in enumerate(axes):
+        for b in bases:
+            lam = out["bases"][b]["eigenvalues"][k]
+            if lam:
+                ax.semilogy(range(len(lam)), np.maximum(lam, 1e-300), marker=".", ms=3,
+                            label=f"{b.upper()} ({len(lam)})")  # fmt: skip
+        ax.set_title(names[k])
+        ax.set_xlabel("direction (constant first)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Lambda (LIB) / Gram eigenvalue (PCA)")
+    axes[-1].legend(fontsize=8)
+    wd.savefig(fig, f"{tag}_spectra.png")
+
+
+def _plot_ablations(wd, tag, out) -> None:
+    names = out["node_layers"]
+    n = len(names) - 1
+    fig = Figure(figsize=(4 * n, 6.4))
+    axes = fig.subplots(2, n, squeeze=False)
+    for basis in out["nodes"]:
+        for k in range(n):
+            curve = out["nodes"][basis]["curves"][k]
+            ks = sorted(curve)
+            axes[0][k].plot(ks, [curve[i] for i in ks], marker="o", ms=3, label=basis)
+            t = out["edges"][basis][k]
+            es = sorted(t["scores"])
+            axes[1][k].plot([max(e, 1) for e in es], [t["scores"][e] for e in es], marker="o", ms=3,
+                            ls="", label=f"{basis}: {t.get('n_needed', '-')} needed")  # fmt: skip
+    for k in range(n):
+        axes[0][k].set_title(f"node ablation at {names[k]}")
+        axes[0][k].set_xscale("log")
+        axes[0][k].set_xlabel("directions kept")
+        axes[1][k].set_title(f"edge ablation {names[k]} -> {names[k + 1]}")
+        axes[1][k].set_xscale("log")
+        axes[1][k].set_xlabel("edges kept (bisect points)")
+        for row in axes:
+            row[k].grid(alpha=0.3)
+            row[k].legend(fontsize=7)
+    axes[0][0].set_ylabel("test accuracy")
+    axes[1][0].set_ylabel("test accuracy")
+    wd.savefig(fig, f"{tag}_ablations.png")
+
+
+def _plot_graph(wd, tag, mods, names, nodes_per_layer) -> None:
+    fig = Figure(figsize=(2.2 * len(names) + 1, 7))
+    ax = fig.subplots()
+    modularity.draw_modules(ax, mods, names, nodes_per_layer)
+    ax.set_title(
+        f"LIB interaction graph, {mods.num_modules} Leiden modules, Q = {mods.modularity:.3f}"
+    )
+    wd.savefig(fig, f"{tag}_graph.png")
+
+
 # ------------------------------------------------------------------------------------------ the run
 
 
@@ -247,18 +516,60 @@ def run(config, workdir: str) -> dict:
     for task in config.tasks:
         data = mlp_data(config) if task == "mlp" else None
         for seed in config[task].seeds:
-            sub = runtime.Workdir(os.path.join(workdir, f"{task}_seed{seed}"))
+            tag = f"{task}_seed{seed}"
+            sub = runtime.Workdir(os.path.join(workdir, tag))
             if task == "mlp":
                 trained = train_mlp(config, int(seed), sub, data)
             else:
                 trained = train_modadd(config, int(seed), sub)
-            runs[f"{task}_seed{seed}"] = {
-                "train_accuracy": trained.train_accuracy,
-                "test_accuracy": trained.test_accuracy,
-            }
+            row = {"task": task, "seed": int(seed), "train_accuracy": trained.train_accuracy,
+                   "test_accuracy": trained.test_accuracy,
+                   "trained_steps": trained.history[-1]["step"] if trained.history else None}  # fmt: skip
+            if not config.train_only:
+                net = (
+                    mlp_network(config, trained, data)
+                    if task == "mlp"
+                    else modadd_network(config, trained)
+                )
+                row.update(analyse(config, net, trained, wd, tag))
+            runs[tag] = row
     if config.train_only:
         return runs
-    return wd.write_results({"preset": config.preset, "runs": runs})
+    return wd.write_results({"preset": config.preset, "runs": runs, "summary": summarise(runs)})
+
+
+def summarise(runs: dict) -> dict:
+    """Per task, each basis's mean over seeds of the edges needed per transition and of the basis sizes."""
+    out = {}
+    for task in TASKS:
+        rows = [r for r in runs.values() if r["task"] == task and "edges" in r]
+        if not rows:
+            continue
+        t = {}
+        for basis in rows[0]["edges"]:
+            needed = np.array(
+                [[e.get("n_needed", np.nan) for e in r["edges"][basis]] for r in rows], float
+            )
+            sizes = np.array([r["bases"][basis]["sizes"] for r in rows], float)
+            t[basis] = {"edges_needed_mean": needed.mean(0).tolist(),
+                        "edges_needed_per_seed": needed.T.tolist(),
+                        "sizes_mean": sizes.mean(0).tolist()}  # fmt: skip
+        if "lib" in t and "pca" in t:
+            t["lib_sparser_first_transition"] = bool(
+                t["lib"]["edges_needed_mean"][0] < t["pca"]["edges_needed_mean"][0]
+            )
+        t["seeds"] = [r["seed"] for r in rows]
+        out[task] = t
+    return out
+
+
+def summarize_sweep(rows: list[dict], workdir: str) -> None:
+    """The sweep's gather hook: the mean over the points' seeds (sweep_summary.json)."""
+    runs = {}
+    for row in rows:
+        runs.update(row.get("runs", {}))
+    with open(os.path.join(workdir, "sweep_summary.json"), "w") as f:
+        json.dump(runtime._jsonable(summarise(runs)), f, indent=2)
 
 
 def report(results: dict, workdir: str) -> str:
