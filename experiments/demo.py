@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from theorax.experiments import runtime
 
 # Every system adds itself here when it lands.
-SYSTEMS = ("scaled_mlp", "dc_solver", "distribution_transformer")
+SYSTEMS = ("scaled_mlp", "dc_solver", "distribution_transformer", "interaction_basis")
 FLAGS = flags.FLAGS
 
 

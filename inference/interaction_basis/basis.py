@@ -18,7 +18,7 @@ For node layer l with (bias-folded) activations f (rows, the constant 1 last), r
 `pca` is C = Y U (rib's `svd` with `center: true`), `neuron` is C = I.
 
 Thresholds are relative: a direction is kept when its eigenvalue exceeds `threshold` x the largest eigenvalue
-of the same matrix (G, then M). rib's paper configs use an absolute 1e-15 in float64; an absolute threshold
+of the same matrix (G, then M) other than the constant direction's (which is always kept). rib's paper configs use an absolute 1e-15 in float64; an absolute threshold
 t corresponds to a relative t / max, and `absolute_threshold=` gives rib's rule exactly.
 """
 
@@ -317,11 +317,13 @@ def eigh_descending(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _cut(values: np.ndarray, o: Options, keep_first: int) -> np.ndarray:
-    """Mask of eigenvalues kept: > threshold x max (or > absolute_threshold); the first `keep_first` always."""
+    """Mask of eigenvalues kept: > threshold x the largest one after the first `keep_first` (the constant
+    direction, whose scale is its own), or > absolute_threshold; the first `keep_first` are always kept."""
+    rest = values[keep_first:]
     limit = (
         o.absolute_threshold
         if o.absolute_threshold is not None
-        else o.threshold * float(np.max(values, initial=0.0))
+        else o.threshold * float(np.max(rest, initial=0.0))
     )
     keep = values > limit
     keep[:keep_first] = True
@@ -407,7 +409,7 @@ def interaction_basis(
       inputs: node layer 0 on the dataset, (N, d_0) or (N, P_0, d_0).
       basis: "lib" (the interaction basis), "pca" (centred PCA, rib's `svd` + `center`) or "neuron" (C = I).
       threshold: relative truncation in (0, 1): eigenvalues of G and of M at most `threshold` x their largest
-        are dropped.
+        (the constant direction's apart) are dropped.
       absolute_threshold: rib's absolute rule instead (its paper configs: 1e-15 with float64).
       center: centre the activations (the constant direction becomes coordinate 0 and is kept apart).
       integration: "gradient" (alpha = 1, the paper configs), "trapezoidal" or "gauss-legendre".

@@ -134,8 +134,9 @@ def with_constant(sections: Sequence[Callable]) -> list[Partial]:
     Each wrapped section takes its node layer's activations with a constant coordinate appended, applies the
     original section to the rest, and appends the constant again (the last section's output, the network's
     output, gets none). Node layer 0's data needs the constant too (`theorax.models.interaction_basis.fold_input`).
-    With gradients (alpha = 1, the paper configs) this gives the same bases and edges as folded biases; under
-    integrated gradients the biases are not scaled with alpha.
+    With gradients (alpha = 1, the paper configs) this gives the same bases and edges as folded biases except
+    for the constant direction itself (its Lambda_0 and its edges, which with folded biases also carry each
+    bias's contribution); under integrated gradients the biases are not scaled with alpha.
 
     >>> f = with_constant([lambda x: 2.0 * x, lambda x: x.sum(-1, keepdims=True)])
     >>> f[0](jnp.array([1.0, 3.0, 1.0])).tolist(), f[1](jnp.array([2.0, 6.0, 1.0])).tolist()
@@ -143,13 +144,15 @@ def with_constant(sections: Sequence[Callable]) -> list[Partial]:
     """
     sections = as_partials(sections)
     last = len(sections) - 1
-    return [Partial(_with_constant, s, k == last) for k, s in enumerate(sections)]
+    return [Partial(_drop_constant if k == last else _keep_constant, s) for k, s in enumerate(sections)]
 
 
-def _with_constant(section, is_last, x):
+def _drop_constant(section, x):
+    return section(x[..., :-1])
+
+
+def _keep_constant(section, x):
     out = section(x[..., :-1])
-    if is_last:
-        return out
     c = x.reshape(-1, x.shape[-1])[0, -1]  # the constant, the same at every position
     return jnp.concatenate(
         [out, jnp.broadcast_to(c, (*out.shape[:-1], 1)).astype(out.dtype)], axis=-1
