@@ -41,7 +41,12 @@ from theorax.inference.interaction_basis.modularity import (
     leiden_modules,
     log_normalised,
 )
-from theorax.inference.interaction_basis.sections import SectionError, with_constant
+from theorax.inference.interaction_basis.sections import (
+    SectionError,
+    linear_then,
+    split_linear,
+    with_constant,
+)
 
 __all__ = [
     "BASES",
@@ -62,6 +67,7 @@ __all__ = [
     "interaction_basis",
     "interaction_edges",
     "leiden_modules",
+    "linear_then",
     "linear_degeneracy",
     "llc",
     "log_normalised",
@@ -69,6 +75,7 @@ __all__ = [
     "node_ablation",
     "numerical_rank",
     "schedule",
+    "split_linear",
     "synchronised_relus",
     "with_constant",
 ]

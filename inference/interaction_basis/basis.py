@@ -291,11 +291,54 @@ def layer_moments(
     return means, grams
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=9)
+def _linear_gram_step(net_static, layer, sections, weight, then, c_next, alphas, x, w, acc):
+    """The `linear_then` route: adds sum_b w_b sum_s K_s^T K_s for K = d/dz [then(z) C_next], z = f W."""
+    shapes, _ = net_static
+    z_shape = (*shapes[layer][:-1], weight.shape[1])
+    out_shape = sec.as_2d(shapes[layer + 1])
+
+    def h(z):
+        out = then(z.reshape(z_shape)).reshape(out_shape)
+        return (out if c_next is None else out @ c_next).reshape(-1)
+
+    in_2d = sec.as_2d(z_shape)
+    out_size = out_shape[0] * (out_shape[1] if c_next is None else c_next.shape[1])
+    jac = _jacobian_fn(h, in_2d, out_size)
+
+    def one(f):
+        z = (f @ weight).reshape(in_2d)
+        js = jax.vmap(lambda a: jac(a * z))(alphas[0])
+        return jnp.einsum("a,aopd->opd", alphas[1], js)
+
+    f = _acts((shapes, layer), sections, x)[layer]
+    j = jax.vmap(one)(f) * w[:, None, None, None]
+    return acc + jnp.einsum("bosj,bosk->jk", j, j)
+
+
 def jacobian_gram(net: Network, layer: int, c_next, proj, options: Options) -> np.ndarray:
-    """M' of node layer `layer` (projected by `proj`, (d, r), when given), float64."""
+    """M' of node layer `layer` (projected by `proj`, (d, r), when given), float64.
+
+    For a `sections.linear_then` section the Gram is accumulated at the width of its linear map's output and
+    mapped back, M' = W K W^T (the cheaper route); otherwise from the section's Jacobians directly.
+    """
     alphas, weights = integration_points(options.integration, options.n_intervals)
     alphas = (jnp.asarray(alphas, net.dtype), jnp.asarray(weights, net.dtype))
     c_next = None if c_next is None else jnp.asarray(c_next, net.dtype)
+    linear = sec.split_linear(net.sections[layer])
+    if linear is not None:
+        weight, then = linear
+        weight = jnp.asarray(weight, net.dtype)
+        acc = jnp.zeros((weight.shape[1], weight.shape[1]), net.dtype)
+        static = (tuple(net.shapes), layer)
+        for xb, wb in sec.batches(net.inputs, options.batch_size, net.dtype):
+            acc = _linear_gram_step(
+                static, layer, net.sections, weight, then, c_next, alphas, xb, wb, acc
+            )
+        w64 = np.asarray(weight, np.float64)
+        m_dash = w64 @ np.asarray(acc, np.float64) @ w64.T
+        m_dash /= net.inputs.shape[0] * net.positions(layer)
+        return m_dash if proj is None else proj.T @ m_dash @ proj
     proj_j = None if proj is None else jnp.asarray(proj, net.dtype)
     r = net.dim(layer) if proj is None else proj.shape[1]
     acc = jnp.zeros((r, r), net.dtype)
@@ -463,7 +506,8 @@ def _bases(net: Network, o: Options) -> list[LayerBasis]:
             sqrt_d = np.sqrt(pca.D)
             r_mat, r_pinv = w / sqrt_d, sqrt_d[:, None] * w_pinv
             d, r = r_mat.shape
-            if d * d <= r * (d + r):  # contract J^T J in the neuron basis, then whiten
+            linear = sec.split_linear(net.sections[k]) is not None
+            if linear or d * d <= r * (d + r):  # contract J^T J in the neuron basis, then whiten
                 m_dash = jacobian_gram(net, k, c_next, None, o)
                 m = r_pinv @ m_dash @ r_pinv.T
             else:  # whiten each Jacobian first (r much smaller than d)

@@ -18,7 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
+from theorax.models.interaction_basis import linear_then, split_linear
 from theorax.models.validation import check_finite
+
+__all__ = ["SectionError", "linear_then", "split_linear", "with_constant"]
 
 
 class SectionError(ValueError):
@@ -144,7 +147,9 @@ def with_constant(sections: Sequence[Callable]) -> list[Partial]:
     """
     sections = as_partials(sections)
     last = len(sections) - 1
-    return [Partial(_drop_constant if k == last else _keep_constant, s) for k, s in enumerate(sections)]
+    return [
+        Partial(_drop_constant if k == last else _keep_constant, s) for k, s in enumerate(sections)
+    ]
 
 
 def _drop_constant(section, x):

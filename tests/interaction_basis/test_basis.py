@@ -69,7 +69,7 @@ def test_jacobian_gram_in_the_basis_is_the_identity_except_the_constant(mlp_case
         f = _activations(sections, x, k)
         c_next = np.eye(nxt.dim) if nxt.C is None else nxt.C
         with jax.enable_x64(True):
-            jac = np.asarray(jax.vmap(jax.jacrev(lambda e, s=sections[k]: s(e) @ c_next))(f))
+            jac = np.asarray(jax.vmap(jax.jacrev(lambda e, s=sections[k], c=c_next: s(e) @ c))(f))
         j_hat = jac @ b.C_pinv.T  # d g / d f-hat, per example
         gram = np.einsum("boi,boj->ij", j_hat, j_hat) / len(f)
         np.testing.assert_allclose(gram[1:, 1:], np.eye(b.size - 1), atol=1e-8)
@@ -82,7 +82,7 @@ def test_edges_match_a_direct_per_example_computation(mlp_case):
         f_hat = _activations(sections, x, k) @ b.C
         c_next = np.eye(nxt.dim) if nxt.C is None else nxt.C
         with jax.enable_x64(True):
-            g_hat = lambda fh, s=sections[k], b=b: s(fh @ b.C_pinv) @ c_next  # noqa: E731
+            g_hat = lambda fh, s=sections[k], b=b, c=c_next: s(fh @ b.C_pinv) @ c  # noqa: E731
             jac = np.asarray(jax.vmap(jax.jacrev(g_hat))(f_hat))
         expected = np.mean((jac * f_hat[:, None, :]) ** 2, axis=0)
         np.testing.assert_allclose(edges[k], expected, rtol=1e-9, atol=1e-14 * expected.max())
@@ -189,7 +189,12 @@ def test_integration_rules_agree_on_a_linear_network():
     x = np.concatenate([rng.normal(size=(100, 4)), np.ones((100, 1))], axis=1)
     ref_b = interaction_basis(sections, x)
     ref = interaction_edges(sections, x, ref_b)
-    for rule, n in (("trapezoidal", 0), ("trapezoidal", 1), ("trapezoidal", 5), ("gauss-legendre", 3)):
+    for rule, n in (
+        ("trapezoidal", 0),
+        ("trapezoidal", 1),
+        ("trapezoidal", 5),
+        ("gauss-legendre", 3),
+    ):
         b = interaction_basis(sections, x, integration=rule, n_intervals=n)
         np.testing.assert_allclose(b[0].eigenvalues, ref_b[0].eigenvalues, rtol=1e-9)
         e = interaction_edges(sections, x, b, integration=rule, n_intervals=n)

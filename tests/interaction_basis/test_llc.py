@@ -85,6 +85,8 @@ def test_llc_agrees_with_devinterps_sgld_on_a_small_mlp():
                 losses.append(float(batch_loss))
         per_chain.append(nbeta * (np.mean(losses) - init_loss))
     theirs = np.asarray(per_chain)
-    sem = np.hypot(ours.llc_std / np.sqrt(len(ours.llc_per_chain)), theirs.std() / np.sqrt(len(theirs)))
+    sem = np.hypot(
+        ours.llc_std / np.sqrt(len(ours.llc_per_chain)), theirs.std() / np.sqrt(len(theirs))
+    )
     assert abs(ours.llc_mean - theirs.mean()) < 3 * sem, (ours.llc_per_chain, theirs)
     assert ours.llc_mean > 0
