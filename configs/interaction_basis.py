@@ -32,6 +32,7 @@ def base() -> ml_collections.ConfigDict:
     c.seed = 0
     c.tasks = ("mlp", "modadd")  # which networks to train and analyse
     c.train_only = False  # train (resumably) and stop: no analysis, no results.json
+    c.write_results = True  # False: analyse each seed (kept in <task>_seed<k>/analysis.json), no results.json
 
     # The MLP (rib_scripts/train_mlp): Linear -> ReLU hidden layers, Adam, cross-entropy.
     c.mlp = ml_collections.ConfigDict()
@@ -143,6 +144,7 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
         c.tasks = ("modadd",)
         # 60,000 epochs do not fit a session on 2 shared cores: stop once grokked (a documented deviation).
         c.modadd.stop_accuracy = 0.99
+        c.modadd.stop_patience = 1000
     else:
         raise ValueError(f"unknown preset {arg!r}; choose one of {list(PRESETS)}")
     return c

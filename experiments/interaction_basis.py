@@ -518,6 +518,10 @@ def run(config, workdir: str) -> dict:
         for seed in config[task].seeds:
             tag = f"{task}_seed{seed}"
             sub = runtime.Workdir(os.path.join(workdir, tag))
+            if not config.train_only and os.path.exists(sub.file("analysis.json")):
+                with open(sub.file("analysis.json")) as f:  # this seed was analysed by an earlier run
+                    runs[tag] = json.load(f)
+                continue
             if task == "mlp":
                 trained = train_mlp(config, int(seed), sub, data)
             else:
@@ -526,20 +530,21 @@ def run(config, workdir: str) -> dict:
                    "test_accuracy": trained.test_accuracy,
                    "trained_steps": trained.history[-1]["step"] if trained.history else None}  # fmt: skip
             if not config.train_only:
-                net = (
-                    mlp_network(config, trained, data)
-                    if task == "mlp"
-                    else modadd_network(config, trained)
-                )
+                net = mlp_network(config, trained, data) if task == "mlp" else modadd_network(config, trained)
                 row.update(analyse(config, net, trained, wd, tag))
+                row = runtime._jsonable(row)
+                if sub.is_main:
+                    with open(sub.file("analysis.json"), "w") as f:
+                        json.dump(row, f)
             runs[tag] = row
-    if config.train_only:
+    if config.train_only or not config.write_results:
         return runs
     return wd.write_results({"preset": config.preset, "runs": runs, "summary": summarise(runs)})
 
 
 def summarise(runs: dict) -> dict:
     """Per task, each basis's mean over seeds of the edges needed per transition and of the basis sizes."""
+    runs = {k: _int_keys(v) for k, v in runs.items()}
     out = {}
     for task in TASKS:
         rows = [r for r in runs.values() if r["task"] == task and "edges" in r]
@@ -561,6 +566,16 @@ def summarise(runs: dict) -> dict:
         t["seeds"] = [r["seed"] for r in rows]
         out[task] = t
     return out
+
+
+def _int_keys(row: dict) -> dict:
+    """Curves and bisect scores keyed by ints again after a JSON round trip."""
+    for basis in row.get("nodes", {}).values():
+        basis["curves"] = [{int(k): v for k, v in c.items()} for c in basis["curves"]]
+    for transitions in row.get("edges", {}).values():
+        for t in transitions:
+            t["scores"] = {int(k): v for k, v in t["scores"].items()}
+    return row
 
 
 def summarize_sweep(rows: list[dict], workdir: str) -> None:
