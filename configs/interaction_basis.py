@@ -32,7 +32,9 @@ def base() -> ml_collections.ConfigDict:
     c.seed = 0
     c.tasks = ("mlp", "modadd")  # which networks to train and analyse
     c.train_only = False  # train (resumably) and stop: no analysis, no results.json
-    c.write_results = True  # False: analyse each seed (kept in <task>_seed<k>/analysis.json), no results.json
+    c.write_results = (
+        True  # False: analyse each seed (kept in <task>_seed<k>/analysis.json), no results.json
+    )
 
     # The MLP (rib_scripts/train_mlp): Linear -> ReLU hidden layers, Adam, cross-entropy.
     c.mlp = ml_collections.ConfigDict()
@@ -112,32 +114,20 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
         c.mlp.hidden = (16, 16)
         c.mlp.epochs = 2
         c.mlp.n_basis = 300
-        c.modadd.p = 11
-        c.modadd.frac_train = 0.5
-        c.modadd.d_model = 16
-        c.modadd.n_heads = 2
-        c.modadd.d_head = 8
-        c.modadd.d_mlp = 32
-        c.modadd.epochs = 50
-        c.modadd.seeds = (0,)
-        c.modadd.eval_every = 25
-        c.modadd.checkpoint_every = 50
+        c.modadd.update(
+            dict(p=11, frac_train=0.5, d_model=16, n_heads=2, d_head=8, d_mlp=32, epochs=50, seeds=(0,),
+                 eval_every=25, checkpoint_every=50)
+        )  # fmt: skip
         c.analysis.node_points = 4
         c.analysis.edge_points = 4
         c.llc.num_chains = 2
         c.llc.num_draws = 20
         c.llc.num_burnin = 5
     elif arg == "cpu":
-        c.modadd.p = 31
-        c.modadd.frac_train = 0.7
-        c.modadd.d_model = 64
-        c.modadd.n_heads = 4
-        c.modadd.d_head = 16
-        c.modadd.d_mlp = 256
-        c.modadd.epochs = 3000
-        c.modadd.seeds = (0, 1, 2)
-        c.modadd.eval_every = 250
-        c.modadd.checkpoint_every = 1000
+        c.modadd.update(
+            dict(p=31, frac_train=0.7, d_model=64, d_head=16, d_mlp=256, epochs=3000, eval_every=250,
+                 checkpoint_every=1000)
+        )  # fmt: skip
     elif arg == "mnist":
         c.tasks = ("mlp",)
     elif arg == "modadd":
