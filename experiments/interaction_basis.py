@@ -398,6 +398,7 @@ def analyse(config, net: Network, trained: Trained, wd: runtime.Workdir, tag: st
                                              gamma=ac.modularity_gamma, seed=ac.modularity_seed)  # fmt: skip
             out["modularity"][basis] = {
                 "modularity": mods.modularity, "num_modules": mods.num_modules,
+                "num_nontrivial_modules": mods.num_nontrivial,
                 "module_sizes": mods.module_sizes()[:10], "gamma": ac.modularity_gamma,
             }  # fmt: skip
             if basis == "lib":
@@ -448,7 +449,7 @@ def _plot_spectra(wd, tag, out) -> None:
     names = out["node_layers"]
     bases = [b for b in ("lib", "pca") if b in out["bases"]]
     n = len(names) - 1
-    fig = Figure(figsize=(4 * n, 3.3))
+    fig = Figure(figsize=(4 * n, 3.3), layout="constrained")
     axes = fig.subplots(1, n, squeeze=False)[0]
     for k, ax in enumerate(axes):
         for b in bases:
@@ -467,7 +468,7 @@ def _plot_spectra(wd, tag, out) -> None:
 def _plot_ablations(wd, tag, out) -> None:
     names = out["node_layers"]
     n = len(names) - 1
-    fig = Figure(figsize=(4 * n, 6.4))
+    fig = Figure(figsize=(4 * n, 6.4), layout="constrained")
     axes = fig.subplots(2, n, squeeze=False)
     for basis in out["nodes"]:
         for k in range(n):
@@ -519,7 +520,9 @@ def run(config, workdir: str) -> dict:
             tag = f"{task}_seed{seed}"
             sub = runtime.Workdir(os.path.join(workdir, tag))
             if not config.train_only and os.path.exists(sub.file("analysis.json")):
-                with open(sub.file("analysis.json")) as f:  # this seed was analysed by an earlier run
+                with open(
+                    sub.file("analysis.json")
+                ) as f:  # this seed was analysed by an earlier run
                     runs[tag] = json.load(f)
                 continue
             if task == "mlp":
@@ -530,7 +533,11 @@ def run(config, workdir: str) -> dict:
                    "test_accuracy": trained.test_accuracy,
                    "trained_steps": trained.history[-1]["step"] if trained.history else None}  # fmt: skip
             if not config.train_only:
-                net = mlp_network(config, trained, data) if task == "mlp" else modadd_network(config, trained)
+                net = (
+                    mlp_network(config, trained, data)
+                    if task == "mlp"
+                    else modadd_network(config, trained)
+                )
                 row.update(analyse(config, net, trained, wd, tag))
                 row = runtime._jsonable(row)
                 if sub.is_main:
@@ -615,7 +622,7 @@ def _task_section(task: str, rows: list[dict], summary: dict) -> list[str]:
         "the edges holding 90% of the edge mass, and the directions needed for 99% of the accuracy (node "
         "ablation, exponential schedule) per layer:",
         "",
-        "| seed | basis | edges needed | of | 90% mass | nodes for 99% | Lambda > 1e-4 max | Leiden modules (Q) |",
+        "| seed | basis | edges needed | of | 90% mass | nodes for 99% | Lambda > 1e-4 max | Leiden modules of >= 2 nodes, of all (Q) |",
         "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
@@ -626,7 +633,8 @@ def _task_section(task: str, rows: list[dict], summary: dict) -> list[str]:
                 f"| {r['seed']} | {b} | {_cells([t.get('n_needed') for t in e])} | "
                 f"{_cells([t['n_edges'] for t in e])} | {_cells([t['concentration90'] for t in e])} | "
                 f"{_cells(r['nodes'][b]['n_for_99pct'])} | {_cells(r['bases'][b]['above_1e-4_of_max'])} | "
-                + (f"{mod['num_modules']} ({mod['modularity']:.3f})" if mod else "-") + " |"
+                + (f"{mod.get('num_nontrivial_modules', '-')} of {mod['num_modules']} ({mod['modularity']:.3f})"
+                   if mod else "-") + " |"
             )  # fmt: skip
     if summary:
         lines += ["", "Mean over seeds " + str(summary["seeds"]) + ": edges needed per transition "

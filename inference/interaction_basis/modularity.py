@@ -38,6 +38,11 @@ class Modules:
     def num_modules(self) -> int:
         return len(set(self.membership))
 
+    @property
+    def num_nontrivial(self) -> int:
+        """Modules of two or more nodes (rib's drawings hide the singletons: nodes without kept edges)."""
+        return int(np.sum(np.bincount(self.membership) >= 2))
+
     def module_sizes(self) -> list[int]:
         """Sizes of the modules, largest first."""
         return sorted(np.bincount(self.membership).tolist(), reverse=True)
