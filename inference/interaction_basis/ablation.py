@@ -49,14 +49,21 @@ def schedule(kind: str, n_max: int, num_points: int, n_min: int = 0) -> list[int
 
 
 def bisect(
-    score_at: Callable[[int], float], n_max: int, target: float, n_min: int = 0
+    score_at: Callable[[int], float],
+    n_max: int,
+    target: float,
+    n_min: int = 0,
+    start: int | None = None,
 ) -> tuple[int, dict]:
     """The fewest n in [n_min, n_max] with `score_at(n) >= target`, assuming the score rises with n.
 
+    With `start`, the bracket is found from below first (start, 2 start, 4 start, ...), so that only small n
+    are evaluated when the answer is small (cheaper edge ablations); then plain bisection.
+
     Returns (n, {n: score} of every point evaluated).
 
-    >>> bisect(lambda n: n / 10, 10, 0.55)[0]
-    6
+    >>> bisect(lambda n: n / 10, 10, 0.55)[0], bisect(lambda n: n / 1000, 1000, 0.055, start=4)[0]
+    (6, 55)
     """
     seen: dict[int, float] = {}
 
@@ -66,7 +73,12 @@ def bisect(
         return seen[n]
 
     lo, hi = n_min, n_max
-    if score(hi) < target:
+    if start is not None:
+        n = max(int(start), n_min)
+        while n < n_max and score(n) < target:
+            lo, n = n + 1, 2 * n
+        hi = min(n, n_max)
+    if hi == n_max and score(hi) < target:
         return hi, seen
     while lo < hi:
         mid = (lo + hi) // 2
@@ -165,25 +177,39 @@ def node_ablation(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _edge_step(shapes, layer, sections, c_in, c_in_pinv, c_out, c_out_pinv, mask, x, y, w):
+def _edge_step(shapes, layer, sections, c_in, c_in_pinv, c_out, c_out_pinv, masks, pick, x, y, w):
+    """Accuracy with output direction i recomputed from the input directions `masks[pick[i]]` keeps: each
+    distinct mask row runs the section once (`masks` holds the distinct rows, padded)."""
     section = sec.section_2d(sections, shapes, layer)
+    k_out = pick.shape[0]
 
     def one(e):
         f = sec.forward_2d(sections, shapes, e, layer)[layer]
         f_hat = f @ c_in  # (P_in, k_in)
 
-        def out_node(m_i, i):
-            g = section((f_hat * m_i) @ c_in_pinv)
-            g = g if c_out is None else g @ c_out
-            return g[:, i]  # (P_out,)
+        def run(m):
+            g = section((f_hat * m) @ c_in_pinv)
+            return g if c_out is None else g @ c_out  # (P_out, k_out)
 
-        g_hat = jax.vmap(out_node, out_axes=1)(mask, jnp.arange(mask.shape[0]))  # (P_out, k_out)
+        g_u = jax.vmap(run)(masks)  # (U, P_out, k_out)
+        g_hat = g_u[
+            pick, :, jnp.arange(k_out)
+        ].T  # output i from its own mask's run: (P_out, k_out)
         f_next = g_hat if c_out_pinv is None else g_hat @ c_out_pinv
         for k in range(layer + 1, len(sections)):
             f_next = sec.section_2d(sections, shapes, k)(f_next)
         return f_next
 
     return jnp.sum(w * _correct(jax.vmap(one)(x), y))
+
+
+def _distinct_rows(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of a mask, padded to a power of two (few compilations), and each row's index."""
+    rows, inverse = np.unique(mask, axis=0, return_inverse=True)
+    size = min(1 << int(np.ceil(np.log2(max(len(rows), 1)))), mask.shape[0])
+    size = max(size, len(rows))
+    padded = np.concatenate([rows, np.repeat(rows[:1], size - len(rows), axis=0)])
+    return padded, inverse.reshape(-1).astype(np.int32)
 
 
 def edge_order(edges: np.ndarray, constant_in: int | None) -> np.ndarray:
@@ -240,8 +266,10 @@ def edge_ablation(
             mask = mask.reshape(edges.shape)
             if b_in.constant_index is not None:
                 mask[:, b_in.constant_index] = 1.0
+            rows, pick = _distinct_rows(mask)
             return _score(_edge_step, net, labels, batch_size, tuple(net.shapes), layer, net.sections,
-                          c_in, c_in_pinv, c_out, c_out_pinv, jnp.asarray(mask, dt))  # fmt: skip
+                          c_in, c_in_pinv, c_out, c_out_pinv, jnp.asarray(rows, dt),
+                          jnp.asarray(pick))  # fmt: skip
 
         baseline = _score(
             _node_step, net, labels, batch_size, tuple(net.shapes), layer, net.sections,
@@ -249,7 +277,7 @@ def edge_ablation(
         )  # fmt: skip
         result = {"baseline": baseline, "n_edges": int(len(order))}
         if schedule_kind == "bisect":
-            n, seen = bisect(score_at, len(order), baseline - score_target_difference)
+            n, seen = bisect(score_at, len(order), baseline - score_target_difference, start=16)
             result.update(n_needed=int(n), scores=dict(sorted(seen.items())))
             kept = edges.reshape(-1)[order[:n]]
             result["epsilon"] = float(kept.min()) if n > 0 else float(edges.max())
