@@ -299,3 +299,16 @@ def test_bad_input_names_the_problem():
         interaction_basis(sections, np.concatenate([x[:, :-1], x[:, :1]], axis=1))
     with pytest.raises(ValueError, match="basis='ica'"):
         interaction_basis(sections, x, basis="ica")
+
+
+def test_linear_then_route_equals_the_generic_jacobians(mlp_case):
+    params, sections, x, bases, _ = mlp_case
+    assert all(m.split_linear(s) is not None for s in sections)
+    generic = [Partial(lambda s, e: s(e), s) for s in sections]  # hides the linear start
+    assert all(m.split_linear(s) is None for s in generic)
+    other = interaction_basis(generic, x, batch_size=128)
+    for b0, b1 in zip(bases[:-1], other[:-1], strict=True):
+        np.testing.assert_allclose(b1.eigenvalues, b0.eigenvalues, rtol=1e-9)
+        np.testing.assert_allclose(
+            np.abs(b1.C), np.abs(b0.C), rtol=1e-6, atol=1e-9 * np.abs(b0.C).max()
+        )
