@@ -238,7 +238,7 @@ def train_mlp(config, seed: int, wd: runtime.Workdir, data) -> Trained:
     return Trained(
         "mlp", seed, state["params"],
         _accuracy(logits_fn, state["params"], x_train, y_train),
-        _accuracy(logits_fn, state["params"], x_test, y_test), [],
+        _accuracy(logits_fn, state["params"], x_test, y_test), [{"step": num_steps}],
     )  # fmt: skip
 
 
@@ -640,6 +640,9 @@ def _task_section(task: str, rows: list[dict], summary: dict) -> list[str]:
         lines += ["", "Mean over seeds " + str(summary["seeds"]) + ": edges needed per transition "
                   + "; ".join(f"{b}: {_cells([round(v, 1) for v in summary[b]['edges_needed_mean']])}"
                               for b in bases) + "."]  # fmt: skip
+        if "lib_sparser_first_transition" in summary:
+            lines[-1] += (" LIB needs " + ("fewer" if summary["lib_sparser_first_transition"] else "no fewer")
+                          + " edges than PCA on the first transition in the mean.")  # fmt: skip
     if task == "modadd":
         p = PAPER_MODADD
         lines += [
@@ -651,7 +654,8 @@ def _task_section(task: str, rows: list[dict], summary: dict) -> list[str]:
             f"PCA {p['edges_mean']['pca']}; 90% edge mass on the first two transitions LIB "
             f"{p['concentration90']['lib']}, PCA {p['concentration90']['pca']}; nodes for 99% accuracy LIB "
             f"{p['nodes99']['lib']}, PCA {p['nodes99']['pca']}; Lambda > 1e-4 max per layer "
-            f"{p['lambda_above_1e-4']}.",
+            f"{p['lambda_above_1e-4']}. The reference notes give no paper number for the modularity score or "
+            "the LLC on modular addition (rib has no LLC code), so those have nothing to stand beside.",
         ]  # fmt: skip
     lines += ["", "Degeneracy (per node layer: width, activation-Gram rank, backward-Jacobian-Gram rank, the "
               "free parameter directions each implies; ReLU layers: synchronised groups, dead and always-on "

@@ -264,13 +264,13 @@ def layer_moments(
     for k, (s, finite, lo, hi) in enumerate(acc):
         if not bool(finite):
             raise sec.SectionError(
-                f"node layer {net.names[k]}'s activations are not finite on the data (section {k - 1} "
+                f"node layer {k} ({net.names[k]!r}): its activations are not finite on the data (section {k - 1} "
                 "produced NaN or inf); check the model's parameters and inputs"
             )
         lo, hi = float(lo), float(hi)
         if center and not (abs(hi - lo) <= 1e-6 * max(1.0, abs(hi)) and abs(hi) > 0):
             raise sec.SectionError(
-                f"node layer {net.names[k]}'s last coordinate is not a non-zero constant (it ranges over "
+                f"node layer {k} ({net.names[k]!r}): its last coordinate is not a non-zero constant (it ranges over "
                 f"[{lo:.4g}, {hi:.4g}]): centring needs folded biases, i.e. every node layer but the output "
                 "ending in the constant 1. Fold them (models.interaction_basis.fold_input and the models' "
                 "sections), add the explicit constant direction (sections.with_constant), or pass center=False"

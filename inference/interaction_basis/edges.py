@@ -109,7 +109,7 @@ def interaction_edges(
     for k, b in enumerate(bases):
         if b.dim != net.dim(k):
             raise ValueError(
-                f"basis {k} ({b.name}) is for a layer of width {b.dim}, but node layer {net.names[k]} has "
+                f"basis {k} ({b.name}) is for a layer of width {b.dim}, but node layer {k} ({net.names[k]!r}) has "
                 f"width {net.dim(k)}"
             )
     with jax.enable_x64(net.dtype == np.float64):

@@ -293,7 +293,9 @@ def test_bad_input_names_the_problem():
         interaction_basis(sections, bad)
     nan_params = _mlp()
     nan_params["layers"][1]["W"][0, 0] = np.inf
-    with pytest.raises(SectionError, match="node layer layer 2's activations are not finite"):
+    with pytest.raises(
+        SectionError, match=r"node layer 2 \('layer 2'\): its activations are not finite"
+    ):
         interaction_basis(m.mlp_sections(nan_params), x)
     with pytest.raises(SectionError, match="last coordinate is not a non-zero constant"):
         interaction_basis(sections, np.concatenate([x[:, :-1], x[:, :1]], axis=1))
