@@ -41,7 +41,7 @@ def linear_then(weight, then: Callable) -> Partial:
     785 columns). The folded MLP layers below are given this way.
 
     >>> f = linear_then(jnp.eye(2) * 3.0, jnp.tanh)
-    >>> f(jnp.array([0.0, 1.0])).round(3).tolist()
+    >>> [round(v, 3) for v in f(jnp.array([0.0, 1.0])).tolist()]
     [0.0, 0.995]
     """
     then = then if isinstance(then, Partial) else Partial(then)
