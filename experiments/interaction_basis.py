@@ -643,6 +643,9 @@ def _task_section(task: str, rows: list[dict], summary: dict) -> list[str]:
         if "lib_sparser_first_transition" in summary:
             lines[-1] += (" LIB needs " + ("fewer" if summary["lib_sparser_first_transition"] else "no fewer")
                           + " edges than PCA on the first transition in the mean.")  # fmt: skip
+    if task == "mlp":
+        lines += ["", "rib commits no results for its MNIST MLP (reference notes Sec. 3), so there are no "
+                  "paper numbers for this network to stand beside."]  # fmt: skip
     if task == "modadd":
         p = PAPER_MODADD
         lines += [
