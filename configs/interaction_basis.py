@@ -8,10 +8,11 @@ graph, ablations, modularity, degeneracy measures and the LLC.
     python -m theorax.experiments.sweep --config=configs/interaction_basis.py:modadd --workdir=DIR   # one seed each
 
 Presets:
-  smoke    seconds: a tiny MLP on digits and a tiny modular-addition model (tests).
-  cpu      the demo, a few minutes: the 64-100-100-10 MLP on scikit-learn digits (the official MNIST recipe:
+  smoke    seconds: a tiny MLP on digits (tests; its tiny modular-addition settings serve the slow test).
+  cpu      the demo: the 64-100-100-10 MLP on scikit-learn digits (the official MNIST recipe:
            Adam 1e-3, batch 64, 12 epochs) and a small modular-addition transformer (p = 31, 70% train,
-           d_model 64, 4 x 16 heads, d_mlp 256, the paper's AdamW recipe, 3,000 epochs), seeds 0-2, that groks.
+           d_model 64, 4 x 16 heads, d_mlp 256, the paper's AdamW recipe, 3,000 epochs), seeds 0-2 (0 and 2
+           grok; seed 1 reached test accuracy 0.88 in 3,000 epochs).
   mnist    the official MLP recipe, 784-100-100-10 with data.name=mnist (digits by default: 64 inputs).
   modadd   the paper's modular addition: p = 113, 30% train, the one-layer transformer (d_model 128, 4 x 32
            heads, d_mlp 512, ReLU, no LayerNorm), AdamW lr 1e-3, weight decay 1, betas (0.9, 0.98), 10 warm-up
