@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from theorax.experiments import runtime
 
 # Every system adds itself here when it lands.
-SYSTEMS = ("scaled_mlp", "dc_solver", "distribution_transformer", "dkm")
+SYSTEMS = ("scaled_mlp", "dc_solver", "distribution_transformer", "dkm", "interaction_basis")
 FLAGS = flags.FLAGS
 
 
