@@ -473,7 +473,8 @@ def distribution_transformer(check: Check) -> list[dict]:
 def joining(system: str, module: str) -> Callable[[Check], list[dict]]:
     """A system whose bench module defines `device_workload(tiny: bool) -> dict`: its rows, once the module
     exists (until then one skipped row says so). The dict maps each workload's name to its fields (or is
-    one workload's fields)."""
+    one workload's fields, named by its "workload" key); fields as `row` names them (`seconds`, `median_s`,
+    `compile_s`, `rate`, `unit`, ...)."""
 
     def workload(check: Check) -> list[dict]:
         if importlib.util.find_spec(module) is None:
@@ -482,7 +483,8 @@ def joining(system: str, module: str) -> Callable[[Check], list[dict]]:
         result = importlib.import_module(module).device_workload(check.tiny)
         if result and all(isinstance(v, dict) for v in result.values()):
             return [row(system, name, **fields) for name, fields in result.items()]
-        return [row(system, "device_workload", **result)]
+        fields = dict(result)
+        return [row(system, fields.pop("workload", "device_workload"), **fields)]
 
     workload.__name__ = module.rsplit(".", 1)[-1]
     return workload
