@@ -26,8 +26,6 @@ check's DKM workload.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 
 import jax
@@ -281,6 +279,31 @@ def device_workload(tiny: bool) -> dict:
     }  # fmt: skip
 
 
+def table(result: dict, s: Settings, record: dict) -> list[str]:
+    """The printed report: the epoch time per N beside the SVGP's and the floor, then the exact GPs."""
+    load = " (UNDER LOAD: not a result)" if record["under_load"] else ""
+    lines = [
+        f"sparse DKM epoch, M={s.num_inducing}, B={s.batch}, {s.depth} layers, {s.dtype}{load}:",
+        f"{'N':>7} {'DKM min/median ms':>20} {'floor ms':>10} {'SVGP min/median ms':>20} {'SVGP/DKM':>9}",
+    ]
+    for n, row in result["epochs"].items():
+        sv = row.get("gpytorch_svgp")
+        svs = f"{sv['min_s'] * 1e3:8.1f}/{sv['median_s'] * 1e3:8.1f}" if sv else "-"
+        ratio = f"{sv['min_s'] / row['dkm']['min_s']:.2f}x" if sv else "-"
+        lines.append(f"{n:>7} {row['dkm']['min_s'] * 1e3:9.1f}/{row['dkm']['median_s'] * 1e3:8.1f} "
+                     f"{row['floor']['min_s'] * 1e3:10.1f} {svs:>20} {ratio:>9}")  # fmt: skip
+    if result.get("dkm_epoch_ratio_largest_to_smallest"):
+        lines.append(f"DKM epoch at N={s.sizes[-1]} / N={s.sizes[0]}: {result['dkm_epoch_ratio_largest_to_smallest']:.2f}x "
+                     f"(N ratio {result['size_ratio']:.0f}x; target <= 10x); slope in N {result['dkm_epoch_slope_in_n']:.2f}")  # fmt: skip
+    for n, row in result["exact"].items():
+        cells = ", ".join(f"{k} {v['min_s'] * 1e3:.1f} ms" for k, v in row.items())
+        lines.append(f"exact GP, N={n}: {cells}")
+    for peer in ("jax_exact", "gpytorch_exact"):
+        if f"{peer}_slope_in_n" in result:
+            lines.append(f"{peer}: cost ~ N^{result[f'{peer}_slope_in_n']:.2f}")
+    return lines
+
+
 def main(argv):
     del argv
     record = timing.machine(allow_loaded=FLAGS.allow_loaded_machine)
@@ -291,34 +314,7 @@ def main(argv):
         allow_loaded_machine=FLAGS.allow_loaded_machine,
     )  # fmt: skip
     result = benchmark(settings, record)
-    os.makedirs(FLAGS.out, exist_ok=True)
-    path = os.path.join(FLAGS.out, "dkm.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    s = settings
-    load = " (UNDER LOAD: not a result)" if record["under_load"] else ""
-    print(
-        f"\nsparse DKM epoch, M={s.num_inducing}, B={s.batch}, {s.depth} layers, {s.dtype}{load}:"
-    )
-    print(
-        f"{'N':>7} {'DKM min/median ms':>20} {'floor ms':>10} {'SVGP min/median ms':>20} {'SVGP/DKM':>9}"
-    )
-    for n, row in result["epochs"].items():
-        sv = row.get("gpytorch_svgp")
-        svs = f"{sv['min_s'] * 1e3:8.1f}/{sv['median_s'] * 1e3:8.1f}" if sv else "-"
-        ratio = f"{sv['min_s'] / row['dkm']['min_s']:.2f}x" if sv else "-"
-        print(f"{n:>7} {row['dkm']['min_s'] * 1e3:9.1f}/{row['dkm']['median_s'] * 1e3:8.1f} "
-              f"{row['floor']['min_s'] * 1e3:10.1f} {svs:>20} {ratio:>9}")  # fmt: skip
-    if result.get("dkm_epoch_ratio_largest_to_smallest"):
-        print(f"DKM epoch at N={s.sizes[-1]} / N={s.sizes[0]}: {result['dkm_epoch_ratio_largest_to_smallest']:.2f}x "
-              f"(N ratio {result['size_ratio']:.0f}x; target <= 10x); slope in N {result['dkm_epoch_slope_in_n']:.2f}")  # fmt: skip
-    for n, row in result["exact"].items():
-        cells = ", ".join(f"{k} {v['min_s'] * 1e3:.1f} ms" for k, v in row.items())
-        print(f"exact GP, N={n}: {cells}")
-    for peer in ("jax_exact", "gpytorch_exact"):
-        if f"{peer}_slope_in_n" in result:
-            print(f"{peer}: cost ~ N^{result[f'{peer}_slope_in_n']:.2f}")
-    print(f"wrote {path}")
+    timing.write_results(FLAGS.out, "dkm.json", result, table(result, settings, record))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,6 @@ Gram is rank deficient as on MNIST. Writes `OUT/interaction_basis.json` (with `t
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
@@ -265,27 +263,26 @@ def main(argv):
     results = benchmark(FLAGS.n, FLAGS.batch_size, FLAGS.repeats, FLAGS.data_dir, FLAGS.torch)
     results["machine"] = record
     results["target_s"] = 60.0
-    os.makedirs(FLAGS.out, exist_ok=True)
-    path = os.path.join(FLAGS.out, "interaction_basis.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nLIB of the {'-'.join(map(str, SIZES))} MLP over {FLAGS.n} examples (float64):")
-    print(
-        f"  ours                {results['ours_s']:8.2f} s (min {results['ours_min_s']:.2f}; target < 60 s)"
-    )
-    print(
-        f"  JAX per-example     {results['jax_per_example_s']:8.2f} s  ratio {results['ratio_vs_jax_per_example']:.2f}x"
-    )
+    timing.write_results(FLAGS.out, "interaction_basis.json", results, table(results, FLAGS.n))
+
+
+def table(results: dict, n: int) -> list[str]:
+    """The printed report: ours, both peers with their ratios, the floors and the load."""
+    record = results["machine"]
+    lines = [
+        f"LIB of the {'-'.join(map(str, SIZES))} MLP over {n} examples (float64):",
+        f"  ours                {results['ours_s']:8.2f} s (min {results['ours_min_s']:.2f}; target < 60 s)",
+        f"  JAX per-example     {results['jax_per_example_s']:8.2f} s  ratio {results['ratio_vs_jax_per_example']:.2f}x",
+    ]
     if "torch_func_s" in results:
-        print(
+        lines.append(
             f"  torch.func          {results['torch_func_s']:8.2f} s  ratio {results['ratio_vs_torch_func']:.2f}x"
         )
-    print(
-        f"  floor: input Gram  {results['floor_gram_s']:8.2f} s; generic J^T J {results['floor_jtj_s']:.2f} s"
-    )
-    print(
-        f"  load {record['load_1min']:.2f}{' (UNDER LOAD)' if record['under_load'] else ''}; wrote {path}"
-    )
+    lines += [
+        f"  floor: input Gram  {results['floor_gram_s']:8.2f} s; generic J^T J {results['floor_jtj_s']:.2f} s",
+        f"  load {record['load_1min']:.2f}{' (UNDER LOAD)' if record['under_load'] else ''}",
+    ]
+    return lines
 
 
 if __name__ == "__main__":
