@@ -1083,12 +1083,20 @@ class Checkpointer:
             ) from e
 
     def _remove_partial(self, step: int) -> None:
-        """Deletes what a failed save of `step` left (orbax's temporary directory), freeing its space."""
+        """Deletes what a failed save of `step` left (orbax's temporary directory), freeing its space.
+
+        orbax's other writer threads can still be adding files to it when the first one's error reaches us, so
+        the removal is retried until the directory is gone (for at most about 2 s)."""
         if not is_main_process() or not os.path.isdir(self.directory):
             return
         for name in os.listdir(self.directory):
             if name.startswith(f"{step}.orbax-checkpoint-tmp"):
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                path = os.path.join(self.directory, name)
+                for _ in range(20):
+                    shutil.rmtree(path, ignore_errors=True)
+                    if not os.path.exists(path):
+                        break
+                    time.sleep(0.1)
 
     def close(self) -> None:
         self._manager.close()
