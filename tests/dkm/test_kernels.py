@@ -140,3 +140,17 @@ def test_nngp_gram_is_a_wide_random_relu_networks_empirical_gram():
     np.testing.assert_allclose(empirical, g, rtol=0.1, atol=0.05 * np.max(np.diag(g)))
     # the plain NNGP convention (half the kernel) is far off: the check can fail
     assert np.max(np.abs(empirical - (g - b) / 2 - b)) > 0.2 * np.max(np.diag(g))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_polynomial_arccos_matches_libm_to_a_few_ulp(dtype):
+    # The ReLU kernel's arccos is a polynomial (vectorised); numpy's libm arccos is the reference.
+    c = np.concatenate([np.linspace(-1.0, 1.0, 200_001), [0.5, -0.5, np.nextafter(0.5, 1.0)],
+                        1.0 - np.logspace(-16, -1, 200), -1.0 + np.logspace(-16, -1, 200)])  # fmt: skip
+    with jax.enable_x64(dtype == "float64"):
+        c = c.astype(dtype)
+        got = np.asarray(jax.jit(kernels._arccos)(jnp.asarray(c)), np.float64)
+    ref = np.arccos(c.astype(np.float64))
+    ulp = np.spacing(np.asarray(np.pi, dtype)).astype(np.float64)  # the spacing at the largest value
+    assert np.max(np.abs(got - ref)) <= 4 * ulp
+    assert got[0] == pytest.approx(np.pi, abs=ulp) and got[200_000] == 0.0
