@@ -334,8 +334,8 @@ def sparse_objective(spec: DKMSpec, params, x, y, n_train: int, key):
     k = point_blocks(spec, params, chain, blocks.ti, blocks.t)
     chol_k, lk = linalg.cholesky(k.ii, spec.options.jitter)
     mean_u, chol_a = _output(params)
-    w, _, var = objectives.conditional(k, chol_k, chol_a)
-    ell = expected_log_lik(spec, params, w.T @ mean_u, var, y, key)
+    mean, _, var = objectives.conditional(k, chol_k, chol_a, mean_u)
+    ell = expected_log_lik(spec, params, mean, var, y, key)
     kl_out = linalg.kl_from_cholesky(chol_a, chol_k, mean_u)
     value = jnp.mean(ell) - (spec.output_kl_scale * kl_out + chain.reg) / n_train
     return value, jnp.maximum(chain.level, lk)

@@ -45,26 +45,33 @@ __all__ = [
 
 
 def conditional(
-    k: GramBlocks, chol_k: jax.Array, chol_q: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    r"""What the conditional formulas share: W = K_ii^-1 K_it, chol_q^T W and the points' variances.
+    k: GramBlocks, chol_k: jax.Array, chol_q: jax.Array, mean: jax.Array | None = None
+) -> tuple[jax.Array | None, jax.Array, jax.Array]:
+    r"""What the conditional formulas share: chol_q^T K_ii^-1 K_it, the points' variances and (given an
+    inducing mean mu) the points' means.
 
     Args:
       k: kernel blocks (ii, ti, t) with `ti` of shape (B, M).
-      chol_k: the (jittered) Cholesky factor of k.ii.
+      chol_k: the (jittered) Cholesky factor L of k.ii.
       chol_q: a factor of the inducing block's covariance Q = chol_q chol_q^T (G_ii of a Gram layer, A of
         the output layer).
+      mean: optional inducing means mu (M, C).
 
     Returns:
-      (W, QW, var): W = K_ii^-1 K_it of shape (M, B), QW = chol_q^T W, and
-      var = k_t - diag(K_ti K_ii^-1 K_it) + diag(K_ti K_ii^-1 Q K_ii^-1 K_it) of shape (B,). The first two
-      terms (a Schur complement, non-negative in exact arithmetic) are clamped at 0 against round-off.
+      (mean_t, QW, var): mean_t = K_ti K_ii^-1 mu of shape (B, C) (None without `mean`), QW = chol_q^T
+      K_ii^-1 K_it of shape (M, B), and var = k_t - diag(K_ti K_ii^-1 K_it) + diag(K_ti K_ii^-1 Q K_ii^-1
+      K_it) of shape (B,). The first two terms of var (a Schur complement, non-negative in exact arithmetic)
+      are clamped at 0 against round-off.
+
+    Only one triangular solve is as wide as the batch (L^-1 K_it); the others are M wide: QW = (L^-1
+    chol_q)^T L^-1 K_it and mean_t = (L^-1 K_it)^T L^-1 mu, and L^-1 chol_q, L^-1 mu are the very solves the
+    KL terms take (`linalg.kl_from_cholesky`), which the compiler shares.
     """
     half = solve_triangular(chol_k, k.ti.T, lower=True)
-    w = solve_triangular(chol_k.T, half, lower=False)
-    qw = chol_q.T @ w
+    qw = solve_triangular(chol_k, chol_q, lower=True).T @ half
     schur = jnp.maximum(k.t - jnp.sum(half * half, axis=0), 0.0)
-    return w, qw, schur + jnp.sum(qw * qw, axis=0)
+    mean_t = None if mean is None else half.T @ solve_triangular(chol_k, mean, lower=True)
+    return mean_t, qw, schur + jnp.sum(qw * qw, axis=0)
 
 
 def propagate(k: GramBlocks, chol_k: jax.Array, chol_g: jax.Array) -> GramBlocks:

@@ -48,8 +48,8 @@ def _moments(spec: DKMSpec, params, x_train, y_train, x_test, batch: int):
         def one(xb):
             blocks = _input(spec, params, z, xb)
             k = point_blocks(spec, params, chain, blocks.ti, blocks.t)
-            w, _, var = objectives.conditional(k, chol_k, chol_a)
-            return w.T @ mean_u, var
+            mean, _, var = objectives.conditional(k, chol_k, chol_a, mean_u)
+            return mean, var
 
     else:
         z = x_train
