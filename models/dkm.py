@@ -130,7 +130,9 @@ def _arccos(c):
     for coef in _ASIN_POLY[-2::-1]:
         p = p * z + coef
     asin = x + x * z * p
-    return jnp.where(small, 0.5 * math.pi - asin, jnp.where(c > 0, 2.0 * asin, math.pi - 2.0 * asin))
+    return jnp.where(
+        small, 0.5 * math.pi - asin, jnp.where(c > 0, 2.0 * asin, math.pi - 2.0 * asin)
+    )
 
 
 @jax.custom_jvp
