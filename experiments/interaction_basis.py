@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from matplotlib.figure import Figure
 from theorax.experiments import runtime
 from theorax.inference import interaction_basis as ib
@@ -432,14 +433,26 @@ def llc_measure(config, net: Network, trained: Trained) -> dict | None:
     if not lc.enabled:
         return None
     n = int(net.llc_data[1].shape[0])
-    est = ib.llc(net.loss_fn, trained.params, net.llc_data, jax.random.key(1000 + trained.seed),
-                 num_chains=lc.num_chains, num_draws=lc.num_draws, num_burnin=lc.num_burnin,
-                 step_size=lc.step_size, localization=lc.localization,
-                 batch_size=min(lc.batch_size, n))  # fmt: skip
+    step_size, diverged = lc.step_size, None
+    try:
+        est = _llc(lc, net, trained, step_size, n)
+    except (
+        FloatingPointError
+    ) as e:  # SGLD diverged: once more at a tenth of the step, reported as such
+        diverged, step_size = str(e), lc.step_size / 10
+        logging.warning("%s; retrying at step_size=%g", e, step_size)
+        est = _llc(lc, net, trained, step_size, n)
     d = sum(int(np.size(p)) for p in jax.tree.leaves(trained.params))
     return {"llc_mean": est.llc_mean, "llc_std": est.llc_std, "llc_per_chain": est.llc_per_chain.tolist(),
             "nbeta": est.nbeta, "init_loss": est.init_loss, "num_parameters": d,
-            "n_eff": 2 * est.llc_mean}  # fmt: skip
+            "n_eff": 2 * est.llc_mean, "step_size": step_size, "diverged_at_config_step": diverged}  # fmt: skip
+
+
+def _llc(lc, net: Network, trained: Trained, step_size: float, n: int):
+    return ib.llc(net.loss_fn, trained.params, net.llc_data, jax.random.key(1000 + trained.seed),
+                  num_chains=lc.num_chains, num_draws=lc.num_draws, num_burnin=lc.num_burnin,
+                  step_size=step_size, localization=lc.localization,
+                  batch_size=min(lc.batch_size, n))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- plots
@@ -680,6 +693,9 @@ def _task_section(task: str, rows: list[dict], summary: dict) -> list[str]:
             x = r["llc"]
             llc_txt = (f" LLC {x['llc_mean']:.1f} +- {x['llc_std']:.1f} over chains (N_eff = "
                        f"{x['n_eff']:.0f} of {x['num_parameters']} parameters).")  # fmt: skip
+            if x.get("diverged_at_config_step"):
+                llc_txt += (f" (SGLD diverged at the configured step, so the LLC was taken at step "
+                            f"{x['step_size']:g}.)")  # fmt: skip
         lines.append(f"- seed {r['seed']}: {layer_txt}. {relu_txt}.{llc_txt}")
     for r in rows:
         tag = f"{task}_seed{r['seed']}"

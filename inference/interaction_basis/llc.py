@@ -99,6 +99,11 @@ def llc(
     Returns:
       `LLCEstimate`.
 
+    Raises:
+      ValueError: bad input (before anything compiles).
+      FloatingPointError: a chain's loss became non-finite (SGLD diverged: the step is too large for the loss's
+        curvature); the message names the chains and the first step.
+
     Example: linear regression (a regular model) with d = 3 parameters has learning coefficient 3 / 2.
 
     >>> x = jax.random.normal(jax.random.key(0), (2000, 3))
@@ -138,7 +143,16 @@ def llc(
         raise ValueError(f"the loss at params is not finite ({init_loss}); check params and data")
     traces = _chains(loss_fn, params, data, key, int(num_chains), int(num_draws) + int(num_burnin), m,
                      float(step_size), float(localization), nb)  # fmt: skip
-    traces = np.asarray(traces, np.float64)[:, num_burnin:]
+    traces = np.asarray(traces, np.float64)
+    diverged = ~np.all(np.isfinite(traces), axis=1)
+    if diverged.any():
+        first = int(np.argmax(~np.isfinite(traces[diverged]), axis=1).min())
+        raise FloatingPointError(
+            f"llc: SGLD diverged (a non-finite loss) in chains {np.flatnonzero(diverged).tolist()} of "
+            f"{num_chains}, first at step {first}; lower step_size (now {step_size}) or raise localization "
+            f"(now {localization})"
+        )
+    traces = traces[:, num_burnin:]
     per_chain = nb * (traces.mean(axis=1) - init_loss)
     return LLCEstimate(
         float(per_chain.mean()), float(per_chain.std()), per_chain, init_loss, traces, nb

@@ -31,3 +31,30 @@ def test_modadd_run_analyses_every_seed_and_resumes(tmp_path):
     os.remove(tmp_path / "results.json")
     again = experiment.run(config, str(tmp_path))
     assert json.dumps(again["runs"], sort_keys=True) == json.dumps(results["runs"], sort_keys=True)
+
+
+def test_llc_measure_retries_once_at_a_tenth_of_the_step_when_sgld_diverges(monkeypatch):
+    import types
+
+    import jax.numpy as jnp
+    from theorax.inference import interaction_basis as ib
+
+    steps = []
+
+    def fake_llc(loss_fn, params, data, key, *, step_size, **kwargs):
+        steps.append(step_size)
+        if len(steps) == 1:
+            raise FloatingPointError("llc: SGLD diverged (a non-finite loss) in chains [2] of 4")
+        return ib.LLCEstimate(5.0, 0.5, jnp.array([4.5, 5.5]), 0.1, jnp.zeros((2, 3)), 10.0)
+
+    monkeypatch.setattr(experiment.ib, "llc", fake_llc)
+    config = config_lib.get_config("smoke")
+    net = types.SimpleNamespace(loss_fn=None, llc_data=(jnp.zeros((8, 2)), jnp.zeros(8)))
+    trained = types.SimpleNamespace(params={"w": jnp.zeros(3)}, seed=0)
+    out = experiment.llc_measure(config, net, trained)
+    assert steps == [config.llc.step_size, config.llc.step_size / 10]
+    assert (
+        out["step_size"] == config.llc.step_size / 10
+        and "chains [2]" in out["diverged_at_config_step"]
+    )
+    assert out["llc_mean"] == 5.0

@@ -39,6 +39,21 @@ def test_llc_rejects_bad_input():
         llc(_mse, jnp.zeros(2), (), jax.random.key(0))
 
 
+def test_llc_raises_when_sgld_diverges():
+    # n beta * step * curvature / 2 = 482 * 1.0 / 2 >> 2: every chain blows up within a few hundred steps.
+    x, y = _regression(2, n=4000)
+    with pytest.raises(FloatingPointError, match=r"diverged .* chains \[0, 1\] of 2"):
+        llc(
+            _mse,
+            jnp.zeros(2),
+            (x, y),
+            jax.random.key(0),
+            num_chains=2,
+            num_draws=400,
+            step_size=1.0,
+        )
+
+
 @pytest.mark.interop
 def test_llc_agrees_with_devinterps_sgld_on_a_small_mlp():
     """Our estimator and devinterp's SGLD optimiser (same update, same n beta, step size, localisation,
