@@ -80,7 +80,10 @@ def base() -> ml_collections.ConfigDict:
     )
     r.dkm = _dkm_model()
     r.exact_gp = ml_collections.ConfigDict()
-    r.exact_gp.max_train = 3000  # exact GPs only where the training set is at most this large
+    r.exact_gp.max_train = 3000  # exact GPs on at most this many training points
+    # larger training sets: True fits the exact GPs to a random max_train-point subset (subset of data, marked in
+    # the table), False skips them
+    r.exact_gp.subset = True
     r.exact_gp.iters = (
         200  # JAX: L-BFGS iterations; GPyTorch: Adam(0.1) iterations on the exact marginal
     )
