@@ -15,8 +15,9 @@ Presets:
             a JAX exact RBF GP fitted by marginal likelihood; GPyTorch's exact GP and SVGP when the interop
             extra is installed), and a DGP sweep over widths 2..16.
   uci       the nine UCI regression sets on their standard splits (20; protein 5): sparse DKM, sparse NNGP
-            (nu = inf), GPyTorch's exact GP (where the training set is small enough) and SVGP with the same
-            inducing points and batches; RMSE and test log-likelihood, mean +- standard error over splits.
+            (nu = inf), exact RBF GPs in JAX and GPyTorch (on a random 3,000-point subset of a larger
+            training set) and GPyTorch's SVGP with the same inducing points and batches; RMSE and test
+            log-likelihood, mean +- standard error over splits.
   dgp       the paper's check: numpyro NUTS on a 2-layer DGP at widths 2..64 with the likelihood scaled as the
             representation-learning limit prescribes; distance of the posterior-mean Grams to the DKM optimum.
   classify  sparse DKM classification on scikit-learn digits (MNIST with classify.data.*), beside the NNGP.
