@@ -186,13 +186,14 @@ def floor_gemm(params, x, batch_size: int, rows_per_example: int = 1):
         gemm = jax.jit(lambda a: a.T @ a)
         gemm(j).block_until_ready()
 
-        def run():
+    def run():  # in its own x64 scope: called outside this one, the GEMM would be retraced in float32
+        with jax.enable_x64(True):
             acc = 0.0
             for _ in range(int(np.ceil(n / batch_size))):
                 acc = gemm(j)
             return jax.block_until_ready(acc)
 
-        return run
+    return run
 
 
 def _lambdas(result) -> list[np.ndarray]:
