@@ -73,6 +73,17 @@ def _check_model(m, key: str) -> None:
     check(m.jitter >= 0, f"{key}.jitter={m.jitter} must be >= 0")
 
 
+def num_splits(config, name: str) -> int:
+    """The splits a dataset runs: the first `regression.splits`, capped at the number the set has (its
+    `n_splits.txt`: 20 for most UCI sets, 5 for protein)."""
+    r = config.regression
+    path = os.path.join(r.data_dir, name, "data", "n_splits.txt")
+    if name == "diabetes" or not os.path.isfile(path):
+        return r.splits
+    with open(path) as f:
+        return min(r.splits, int(f.read().split()[0]))
+
+
 def _check_uci_layout(directory: str, name: str, splits: int) -> None:
     root = os.path.join(directory, name, "data")
     needed = ["data.txt", "index_features.txt", "index_target.txt"]
@@ -111,7 +122,7 @@ def validate(config) -> None:
             if name == "diabetes":
                 continue
             check(bool(r.data_dir), f"dataset {name!r} is read from files: set regression.data_dir")
-            _check_uci_layout(r.data_dir, name, r.splits)
+            _check_uci_layout(r.data_dir, name, num_splits(config, name))
         if r.gpytorch == "on":
             check(
                 _gpytorch_available(),
@@ -377,7 +388,7 @@ def run_regression(config, wd: runtime.Workdir) -> dict:
     for name in r.datasets:
         per_method: dict[str, list[dict]] = {}
         skipped: dict[str, str] = {}
-        for index in range(r.splits):
+        for index in range(num_splits(config, name)):
             split = load_split(config, name, index)
             run, skipped = _methods_to_run(config, len(split.y_train))
             for method in run:

@@ -105,3 +105,22 @@ def test_uci_directory_in_the_wrong_layout_is_a_config_error(tmp_path):
     config.regression.dkm.nu = 0.0
     with pytest.raises(runtime.ConfigError, match="regression.dkm.nu=0.0 must be > 0"):
         experiment.validate(config)
+
+
+def test_a_uci_set_runs_at_most_the_splits_it_has(tmp_path):
+    # protein has 5 standard splits where the other sets have 20: the preset's 20 must not refuse it
+    root = tmp_path / "protein-tertiary-structure" / "data"
+    os.makedirs(root)
+    for f in ("data.txt", "index_features.txt", "index_target.txt"):
+        (root / f).write_text("0\n")
+    for k in range(5):
+        for s in ("train", "test"):
+            (root / f"index_{s}_{k}.txt").write_text("0\n")
+    (root / "n_splits.txt").write_text("5\n")
+    config = configs.get_config("uci")
+    config.regression.data_dir = str(tmp_path)
+    config.regression.datasets = ("protein-tertiary-structure",)
+    assert experiment.num_splits(config, "protein-tertiary-structure") == 5
+    experiment.validate(config)
+    config.regression.splits = 3
+    assert experiment.num_splits(config, "protein-tertiary-structure") == 3
