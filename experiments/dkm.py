@@ -744,26 +744,22 @@ def _regression_table(reg: dict) -> list[str]:
             n_splits = max((s[m][key]["n"] for m in present), default=0)
             cells = [_cell(s.get(m), key, m == best) for m in methods]
             lines.append(f"| {name} | {v['n_train']} | {n_splits} | " + " | ".join(cells) + " |")
-    notes = {}
+    skipped, subsets = {}, {}
     for name, v in reg["datasets"].items():
         for m, why in v["skipped"].items():
-            notes.setdefault((m, why), []).append(name)
-    subsets = {}
-    for name, v in reg["datasets"].items():
+            skipped.setdefault((m, why), []).append(name)
         for m in EXACT:
             rows = v["splits"].get(m, [])
             if rows and "n_fitted" in rows[0]:
                 subsets.setdefault(m, []).append(
                     f"{name} ({rows[0]['n_fitted']} of {rows[0]['subset_of']})"
                 )
-    lines += [""] * bool(subsets) + [
+    notes = [
         f"- {METHODS[m]} fitted on a random subset of the training set (subset of data) on {', '.join(n)}."
         for m, n in subsets.items()
-    ]
+    ] + [f"- {METHODS[m]} not run on {', '.join(n)}: {why}." for (m, why), n in skipped.items()]
     if notes:
-        lines += [""] * (not subsets) + [
-            f"- {METHODS[m]} not run on {', '.join(n)}: {why}." for (m, why), n in notes.items()
-        ]
+        lines += ["", *notes]
     return lines
 
 
