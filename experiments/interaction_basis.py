@@ -436,9 +436,8 @@ def llc_measure(config, net: Network, trained: Trained) -> dict | None:
     step_size, diverged = lc.step_size, None
     try:
         est = _llc(lc, net, trained, step_size, n)
-    except (
-        FloatingPointError
-    ) as e:  # SGLD diverged: once more at a tenth of the step, reported as such
+    except FloatingPointError as e:
+        # SGLD diverged: once more at a tenth of the step, reported as such
         diverged, step_size = str(e), lc.step_size / 10
         logging.warning("%s; retrying at step_size=%g", e, step_size)
         est = _llc(lc, net, trained, step_size, n)
