@@ -340,7 +340,7 @@ def main(argv):
         )
     path = os.path.join(FLAGS.out, "distribution_transformer.json")
     with open(path, "w") as f:
-        json.dump(runtime._jsonable(result), f, indent=2)
+        json.dump(runtime.jsonable(result), f, indent=2)
     print(
         f"\nDistribution Transformer bench ({record['cpu_model']}, {record['cpu_count']} cores, jax "
         f"{record['jax']}; load {record['load_1min']:.2f} at start; {FLAGS.repeats} interleaved rounds)"

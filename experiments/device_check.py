@@ -695,7 +695,7 @@ def _write(out: str, result: dict) -> None:
         return
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "device_check.json"), "w") as f:
-        json.dump(runtime._jsonable(result), f, indent=1)
+        json.dump(runtime.jsonable(result), f, indent=1)
     with open(os.path.join(out, "device_check.md"), "w") as f:
         f.write(table(result))
 
@@ -805,7 +805,7 @@ def run_gp_hyperprior(
     if runtime.is_main_process():
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "gp_hyperprior.json"), "w") as f:
-            json.dump(runtime._jsonable(report), f, indent=1)
+            json.dump(runtime.jsonable(report), f, indent=1)
         with open(os.path.join(out, "gp_hyperprior.md"), "w") as f:
             f.write(gp_hyperprior_row(report) + "\n")
     return report

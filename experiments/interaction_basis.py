@@ -551,7 +551,7 @@ def run(config, workdir: str) -> dict:
                     else modadd_network(config, trained)
                 )
                 row.update(analyse(config, net, trained, wd, tag))
-                row = runtime._jsonable(row)
+                row = runtime.jsonable(row)
                 if sub.is_main:
                     with open(sub.file("analysis.json"), "w") as f:
                         json.dump(row, f)
@@ -603,7 +603,7 @@ def summarize_sweep(rows: list[dict], workdir: str) -> None:
     for row in rows:
         runs.update(row.get("runs", {}))
     with open(os.path.join(workdir, "sweep_summary.json"), "w") as f:
-        json.dump(runtime._jsonable(summarise(runs)), f, indent=2)
+        json.dump(runtime.jsonable(summarise(runs)), f, indent=2)
 
 
 def _cells(values) -> str:

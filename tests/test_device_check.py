@@ -24,7 +24,7 @@ def test_tiny_check_runs_every_system_and_writes_json_and_table(tmp_path):
         str(tmp_path), tiny=True, torch_compile=False, allow_loaded=True
     )
     on_disk = json.load(open(tmp_path / "device_check.json"))
-    assert on_disk["rows"] == json.loads(json.dumps(runtime._jsonable(result["rows"])))
+    assert on_disk["rows"] == json.loads(json.dumps(runtime.jsonable(result["rows"])))
     assert on_disk["devices"]["device_count"] == 4 and on_disk["devices"]["mesh"] == {"data": 4}
     rows = result["rows"]
     by_system = {s: [r for r in rows if r["system"] == s] for s in device_check.SYSTEMS}
@@ -75,7 +75,9 @@ def test_a_workload_that_does_not_fit_names_its_size_and_the_free_memory(tmp_pat
 def test_memory_refusal_reads_the_accelerators_free_memory(monkeypatch):
     """Where the backend reports memory (a GPU), the refusal compares with its free bytes and names the pool."""
     monkeypatch.setattr(
-        runtime, "device_memory", lambda device=None: {"limit": 8192, "in_use": 6144, "free": 2048}
+        runtime.memory,
+        "device_memory",
+        lambda device=None: {"limit": 8192, "in_use": 6144, "free": 2048},
     )
     f = jax.jit(lambda x: x + 1)
     small = jax.ShapeDtypeStruct((64,), np.float32)  # 512 B in and out

@@ -1,0 +1,162 @@
+"""The entry point: `main(run)`, its exit statuses, huge pages and per-program compiler options."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+from theorax.experiments.runtime.errors import ConfigError, NonFiniteError, Preempted, WorkdirError
+from theorax.experiments.runtime.processes import _agree, initialize_distributed, is_main_process
+from theorax.experiments.runtime.workdir import jsonable, set_aside
+
+# Exit statuses of the entry points. 2: the run stopped on an error its one-line message names (config,
+# non-finite loss, workdir). 75 (sysexits' EX_TEMPFAIL): stopped by SIGTERM / SIGINT, rerun to continue.
+EXIT_ERROR = 2
+EXIT_PREEMPTED = 75
+
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def cpu_compiler_options(options: Mapping[str, Any]) -> dict | None:
+    """`options` (XLA compiler options for `jax.jit(..., compiler_options=...)`) when JAX runs on the CPU backend
+    and this jaxlib knows them; None otherwise (other backends, or an XLA without them keeps its defaults).
+
+    The experiments' hardware tuning (`scaled_mlp.cpu_tuning`, `distribution_transformer.cpu_tuning`) goes
+    through here, so that a tuning for XLA:CPU is never passed to another backend.
+    """
+    if jax.default_backend() != "cpu":
+        return None
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(1.0).compile()
+    except Exception:  # an XLA without the option
+        return None
+    return dict(options)
+
+
+def use_huge_pages() -> None:
+    """Re-executes this process once (same pid, same command line) with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`.
+
+    XLA's CPU runtime frees and reallocates its large temporaries on every call; glibc serves those from fresh
+    `mmap`s, so each step page-faults all of them again in 4 KiB pages. On the B-6/Wi-512 training step that was
+    24,600 faults and ~60 ms of kernel time per 170 ms step; with malloc advising transparent huge pages it is
+    ~480 faults and the step took ~25% less (`experiments/bench_scaled_mlp.py` records the faults per step). The tunable has to be set before
+    the process starts, hence the re-exec; call this first thing in `__main__`. A no-op off glibc Linux, when the
+    tunable is already set (the Makefile exports it), or with `THEORAX_SYSTEM_MALLOC=1`.
+    """
+    import platform
+
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (
+        sys.platform != "linux"
+        or platform.libc_ver()[0] != "glibc"
+        or "glibc.malloc.hugetlb" in tunables
+        or os.environ.get("THEORAX_SYSTEM_MALLOC")
+    ):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGES_TUNABLE])))
+    os.execve(sys.executable, sys.orig_argv, env)
+
+
+def _stop_outside_the_loop(signum, frame) -> None:
+    """The entry point's SIGTERM handler outside `train`: unwinds (releasing the workdir) as Ctrl-C does.
+
+    Once: a second SIGTERM must not cut the unwinding short.
+    """
+    signal.signal(signum, signal.SIG_IGN)
+    raise Preempted(
+        f"stopped by {signal.Signals(signum).name} outside the training loop (its checkpoints are kept): "
+        "rerun the same command to continue",
+        signal_name=signal.Signals(signum).name,
+    )
+
+
+@contextlib.contextmanager
+def exit_status_on_errors():
+    """Turns the runtime's errors into one line on stderr and the exit status `main` documents (2 or 75)."""
+    try:
+        yield
+    except (ConfigError, NonFiniteError, WorkdirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    except KeyboardInterrupt:
+        print(
+            "stopped by SIGINT outside the training loop (its checkpoints are kept): rerun the same "
+            "command to continue",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_PREEMPTED)
+
+
+def main(run: Callable[[Any, str], Mapping[str, Any]]) -> None:
+    """The absl entry point of `experiments/<system>.py`: flags, multi-host start-up, clear errors.
+
+    Exit status: 0 when the run finished; 2 (`EXIT_ERROR`) with one `error: ...` line on a bad command line or
+    config, a config that differs from the workdir's, a non-finite loss, a workdir held by another run, no
+    checkpoint that loads or a failed write; 75 (`EXIT_PREEMPTED`) with one line when SIGTERM or SIGINT stopped
+    it, after saving a checkpoint when it came during training: rerunning the same command continues.
+    """
+    use_huge_pages()
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file and preset: configs/<system>.py:<preset>.", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "Run directory (created; a rerun resumes it).")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-host runs.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+    flags.DEFINE_bool(
+        "fresh",
+        False,
+        "Move an earlier run in --workdir aside (to WORKDIR.old-<time>) and start anew.",
+    )
+    flags.mark_flags_as_required(["config", "workdir"])
+    FLAGS = flags.FLAGS
+
+    def _main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _stop_outside_the_loop)
+        with exit_status_on_errors():
+            if FLAGS.fresh:
+                error = None
+                if is_main_process():
+                    try:
+                        set_aside(FLAGS.workdir)
+                    except WorkdirError as e:
+                        error = e
+                _agree(error, f"to move {FLAGS.workdir} aside")
+            results = run(FLAGS.config, FLAGS.workdir)
+        if is_main_process() and results is not None:
+            print(json.dumps(jsonable(dict(results)), indent=1, sort_keys=True)[:4000])
+
+    def _parse(argv):
+        try:
+            return FLAGS(argv)
+        except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+            lines = [
+                line.strip() for line in str(e).replace("\\n", "\n").splitlines() if line.strip()
+            ]
+            message = lines[-1] if any("Traceback" in line for line in lines) else " ".join(lines)
+            if len(message) > 1 and message[0] == message[-1] == "'":
+                message = message[1:-1]
+            message = message.replace("\\'", "'")
+            print(f"error: bad command line: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(_main, flags_parser=_parse)
