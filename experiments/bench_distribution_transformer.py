@@ -338,21 +338,19 @@ def main(argv):
         result["targets"]["ratio_at_least_1000_at_equal_kl"] = all(
             r["time_ratio"] >= 1000 for r in result["nuts_over_dt_time_at_equal_kl"].values()
         )
-    path = os.path.join(FLAGS.out, "distribution_transformer.json")
-    with open(path, "w") as f:
-        json.dump(runtime.jsonable(result), f, indent=2)
-    print(
-        f"\nDistribution Transformer bench ({record['cpu_model']}, {record['cpu_count']} cores, jax "
+    lines = [
+        f"Distribution Transformer bench ({record['cpu_model']}, {record['cpu_count']} cores, jax "
         f"{record['jax']}; load {record['load_1min']:.2f} at start; {FLAGS.repeats} interleaved rounds)"
-    )
+    ]
     if record["under_load"]:
-        print(
+        lines.append(
             f"!! TAKEN UNDER LOAD (1-minute load {record['load_1min']:.2f}): these figures are not results"
         )
-    print(f"{'':64s} {'time':>26s} {'expected KL':>12s} {'target':>10s}")
-    for r in _table(result):
-        print(f"{r[0]:64s} {r[1]:>26s} {r[2]:>12s} {r[3]:>10s}")
-    print(f"wrote {path}")
+    lines.append(f"{'':64s} {'time':>26s} {'expected KL':>12s} {'target':>10s}")
+    lines += [f"{r[0]:64s} {r[1]:>26s} {r[2]:>12s} {r[3]:>10s}" for r in _table(result)]
+    timing.write_results(
+        FLAGS.out, "distribution_transformer.json", runtime.jsonable(result), lines
+    )
 
 
 def full_benchmark() -> dict:
