@@ -4,8 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev
-# Large XLA buffers on transparent huge pages (see experiments/runtime.py: use_huge_pages).
+# Large XLA buffers on transparent huge pages, and OpenBLAS on one thread under XLA's own worker threads (see
+# experiments/runtime/entry.py: tune_process).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: demo test test-slow test-interop bench lint format clean device-wheels
 

@@ -312,6 +312,6 @@ def table(r: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    runtime.use_huge_pages()
+    runtime.tune_process()
     _define_flags()
     app.run(main)

@@ -389,5 +389,5 @@ def full_benchmark() -> dict:
 
 if __name__ == "__main__":
     _define_flags()
-    runtime.use_huge_pages()
+    runtime.tune_process()
     app.run(main)

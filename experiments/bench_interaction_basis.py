@@ -287,6 +287,6 @@ def table(results: dict, n: int) -> list[str]:
 
 
 if __name__ == "__main__":
-    runtime.use_huge_pages()
+    runtime.tune_process()
     _define_flags()
     app.run(main)

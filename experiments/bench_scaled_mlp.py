@@ -24,7 +24,7 @@ phase (forward, backward, augmentation, update and metrics) into matrix products
 into them) and the rest, with the slowest instructions that are not matrix products.
 
 Training FLOPs per image are 6 x forward MACs (forward 2, backward 4). Also records the machine's square-matmul
-rate in JAX and torch and our step's minor page faults (see `runtime.use_huge_pages`). Writes
+rate in JAX and torch and our step's minor page faults (see `runtime.tune_process`). Writes
 `OUT/scaled_mlp.json`. From Python: `benchmark(Settings(...))`; the flags exist only when this module runs as a
 script.
 """
@@ -382,6 +382,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    runtime.use_huge_pages()
+    runtime.tune_process()
     define_flags()
     app.run(main)

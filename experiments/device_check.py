@@ -883,6 +883,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    runtime.use_huge_pages()
+    runtime.tune_process()
     define_flags()
     app.run(main)

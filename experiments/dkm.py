@@ -604,6 +604,10 @@ def blas_threads(n: int):
     that wait is a scheduler time slice: 25-45 ms instead of 0.1 ms (measured here, load ~20). One thread is
     also no slower on a quiet machine for these sizes. An explicit experiment-layer setting
     (`config.blas_threads`, `bench_dkm --blas_threads`), never set by the library.
+
+    This limit does not reach every call XLA's worker threads make: on a quiet 2-core machine the sparse-DKM
+    epoch still took 382 / 483 ms (min / median) under it, and 233 / 241 ms when OpenBLAS started with one
+    thread (`OPENBLAS_NUM_THREADS=1`, which the entry points' `runtime.tune_process` sets).
     """
     if n <= 0:
         return contextlib.nullcontext()

@@ -463,6 +463,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    runtime.use_huge_pages()
+    runtime.tune_process()
     define_flags()
     app.run(main)

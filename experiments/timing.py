@@ -72,6 +72,7 @@ def machine(allow_loaded: bool = False, limit: float = LOAD_LIMIT) -> dict:
         "jax": _version("jax"),
         "jaxlib": _version("jaxlib"),
         "torch": _version("torch"),
+        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "when": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
 

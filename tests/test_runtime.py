@@ -240,18 +240,16 @@ def test_finetune_from_own_checkpoint_with_new_head_and_tta(tmp_path):
 @pytest.mark.skipif(
     sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc", reason="glibc only"
 )
-def test_use_huge_pages_reexecs_once_with_the_tunable():
+def test_tune_process_reexecs_once_with_the_tunable_and_one_openblas_thread():
     script = (
-        "import os, sys; from theorax.experiments import runtime; runtime.use_huge_pages(); "
-        "print(repr(sys.argv[1:]), repr(os.environ.get('GLIBC_TUNABLES', '')))"
+        "import os, sys; from theorax.experiments import runtime; runtime.tune_process(); "
+        "print(repr(sys.argv[1:]), repr(os.environ.get('GLIBC_TUNABLES', '')), "
+        "os.environ.get('OPENBLAS_NUM_THREADS'))"
     )
 
     def run(**env):
-        base = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("GLIBC_TUNABLES", "THEORAX_SYSTEM_MALLOC")
-        }
+        unset = ("GLIBC_TUNABLES", "THEORAX_SYSTEM_MALLOC", "OPENBLAS_NUM_THREADS")
+        base = {k: v for k, v in os.environ.items() if k not in unset}
         out = subprocess.run(
             [sys.executable, "-c", script, "a b"], env=base | env, capture_output=True, text=True
         )
@@ -259,8 +257,12 @@ def test_use_huge_pages_reexecs_once_with_the_tunable():
         return out.stdout.strip()
 
     tunable = runtime.HUGE_PAGES_TUNABLE
-    assert run() == f"['a b'] '{tunable}'"
+    assert run() == f"['a b'] '{tunable}' 1"
     assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == (
-        f"['a b'] 'glibc.malloc.arena_max=2:{tunable}'"
+        f"['a b'] 'glibc.malloc.arena_max=2:{tunable}' 1"
     )
-    assert run(THEORAX_SYSTEM_MALLOC="1") == "['a b'] ''"
+    assert run(THEORAX_SYSTEM_MALLOC="1") == "['a b'] '' 1"
+    assert run(OPENBLAS_NUM_THREADS="2") == f"['a b'] '{tunable}' 2"  # the user's value is kept
+    assert (
+        run(GLIBC_TUNABLES=tunable, OPENBLAS_NUM_THREADS="1") == f"['a b'] '{tunable}' 1"
+    )  # no re-exec

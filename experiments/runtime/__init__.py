@@ -31,8 +31,9 @@ What this package gives such a `run` (one module per part, every name re-exporte
 * Errors that the entry point prints as one line (`error: ...`, exit status 2): `ConfigError` (bad or changed
   config values), `NonFiniteError`, `WorkdirError` (a workdir held by another run, no checkpoint that loads, a
   failed write). `Preempted` exits with status 75 (`EXIT_PREEMPTED`): rerunning the same command continues.
-* `use_huge_pages()`: every entry point re-executes itself once with glibc's malloc backing its large buffers by
-  transparent huge pages (see its docstring; `THEORAX_SYSTEM_MALLOC=1` opts out).
+* `tune_process()`: every entry point re-executes itself once with glibc's malloc backing its large buffers by
+  transparent huge pages (`THEORAX_SYSTEM_MALLOC=1` opts out) and OpenBLAS on one thread (XLA's worker threads
+  make its LAPACK calls), unless the environment already says otherwise (see its docstring).
 
 Faults, and what survives them (README, "Running experiments", has the table): a SIGKILL loses the steps since the
 newest checkpoint; SIGTERM / SIGINT lose none; a newest checkpoint that does not load is renamed
@@ -52,7 +53,7 @@ from theorax.experiments.runtime.entry import (
     cpu_compiler_options,
     exit_status_on_errors,
     main,
-    use_huge_pages,
+    tune_process,
 )
 from theorax.experiments.runtime.errors import (
     CheckpointError,
@@ -144,5 +145,5 @@ __all__ = [
     "cpu_compiler_options",
     "exit_status_on_errors",
     "main",
-    "use_huge_pages",
+    "tune_process",
 ]

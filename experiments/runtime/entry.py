@@ -41,28 +41,39 @@ def cpu_compiler_options(options: Mapping[str, Any]) -> dict | None:
     return dict(options)
 
 
-def use_huge_pages() -> None:
-    """Re-executes this process once (same pid, same command line) with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`.
+def tune_process() -> None:
+    """Re-executes this process once (same pid, same command line) with what two libraries read when they load.
 
-    XLA's CPU runtime frees and reallocates its large temporaries on every call; glibc serves those from fresh
-    `mmap`s, so each step page-faults all of them again in 4 KiB pages. On the B-6/Wi-512 training step that was
-    24,600 faults and ~60 ms of kernel time per 170 ms step; with malloc advising transparent huge pages it is
-    ~480 faults and the step took ~25% less (`experiments/bench_scaled_mlp.py` records the faults per step). The tunable has to be set before
-    the process starts, hence the re-exec; call this first thing in `__main__`. A no-op off glibc Linux, when the
-    tunable is already set (the Makefile exports it), or with `THEORAX_SYSTEM_MALLOC=1`.
+    * `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`. XLA's CPU runtime frees and reallocates its large temporaries on
+      every call; glibc serves those from fresh `mmap`s, so each step page-faults all of them again in 4 KiB
+      pages. On the B-6/Wi-512 training step that was 24,600 faults and ~60 ms of kernel time per 170 ms step;
+      with malloc advising transparent huge pages it is ~480 faults and the step took ~25% less
+      (`experiments/bench_scaled_mlp.py` records the faults per step). `THEORAX_SYSTEM_MALLOC=1` opts out.
+    * `OPENBLAS_NUM_THREADS=1`. XLA:CPU runs its LAPACK calls (Cholesky factors, triangular solves,
+      eigendecompositions: scipy's OpenBLAS) on its own worker threads, which already keep every core busy;
+      OpenBLAS's threads on top of them oversubscribe the cores. The sparse-DKM epoch of `bench_dkm` (N = 8,000,
+      float64, 2 cores) took 233 / 241 ms (min / median) against 382 / 483 ms with OpenBLAS limited to one
+      thread at run time by threadpoolctl (which does not reach the calls XLA's threads make) and 445 / 506 ms
+      with OpenBLAS's default of a thread per core. The price: one large factorisation on the main thread
+      (the exact GP at N = 4,000) takes ~15% longer.
+
+    Both must be set before the process starts, hence the re-exec; call this first thing in `__main__`. A value
+    the environment already has is kept (the Makefile exports both), and off glibc Linux only OpenBLAS's is set.
     """
     import platform
 
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    env = dict(os.environ)
+    tunables = env.get("GLIBC_TUNABLES", "")
     if (
-        sys.platform != "linux"
-        or platform.libc_ver()[0] != "glibc"
-        or "glibc.malloc.hugetlb" in tunables
-        or os.environ.get("THEORAX_SYSTEM_MALLOC")
+        sys.platform == "linux"
+        and platform.libc_ver()[0] == "glibc"
+        and "glibc.malloc.hugetlb" not in tunables
+        and not env.get("THEORAX_SYSTEM_MALLOC")
     ):
-        return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGES_TUNABLE])))
-    os.execve(sys.executable, sys.orig_argv, env)
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, HUGE_PAGES_TUNABLE]))
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    if env != dict(os.environ):
+        os.execve(sys.executable, sys.orig_argv, env)
 
 
 def _stop_outside_the_loop(signum, frame) -> None:
@@ -106,7 +117,7 @@ def main(run: Callable[[Any, str], Mapping[str, Any]]) -> None:
     checkpoint that loads or a failed write; 75 (`EXIT_PREEMPTED`) with one line when SIGTERM or SIGINT stopped
     it, after saving a checkpoint when it came during training: rerunning the same command continues.
     """
-    use_huge_pages()
+    tune_process()
     from absl import app, flags, logging
     from ml_collections import config_flags
 
