@@ -230,7 +230,8 @@ def benchmark(settings: Settings, record: dict | None = None) -> dict:
             row["dkm_first_call_s"] = compile_s
             row["steps_per_epoch"] = n // s.batch
             result["epochs"][str(n)] = row
-    # The exact GPs' factorisations are large: numpy's BLAS keeps all its threads, as GPyTorch keeps its own.
+    # Outside the run-time limit: the exact GPs' large factorisations get the OpenBLAS threads the process started
+    # with (`runtime.tune_process` starts it with one; the JSON records OPENBLAS_NUM_THREADS).
     with _precision(s.dtype):
         for n in s.exact_sizes:
             x, y = synthetic(n, s.dim)
