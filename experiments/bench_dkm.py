@@ -166,8 +166,9 @@ def exact_gp_evaluation(x, y, dtype: str):
         options=dkm.ModelOptions(dtype=dtype),
     )  # fmt: skip
     params = dkm_model.init_params(spec, xj, yj, jax.random.key(0))
-    grad = jax.jit(jax.value_and_grad(lambda p: dkm_model.full_objective(spec, p, xj, yj)[0]))
-    return lambda: jax.block_until_ready(grad(params))
+    # The data are arguments, not constants that XLA would fold (the input Gram) while compiling.
+    grad = jax.jit(jax.value_and_grad(lambda p, x, y: dkm_model.full_objective(spec, p, x, y)[0]))
+    return lambda: jax.block_until_ready(grad(params, xj, yj))
 
 
 def gpytorch_exact_iteration(x, y, dtype: str):

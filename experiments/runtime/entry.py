@@ -54,9 +54,9 @@ def tune_process() -> None:
       OpenBLAS's threads on top of them oversubscribe the cores. The sparse-DKM epoch of `bench_dkm` (N = 8,000,
       float64, 2 cores) took 233 / 241 ms (min / median) against 382 / 483 ms with OpenBLAS limited to one
       thread at run time by threadpoolctl (which does not reach the calls XLA's threads make) and 445 / 506 ms
-      with OpenBLAS's default of a thread per core. The price: large factorisations that have the cores to
-      themselves run on one: the exact GP's marginal likelihood and gradient at N = 1,000 / 4,000 took 158 ms /
-      5.19 s against 118 ms / 3.74 s.
+      with OpenBLAS's default of a thread per core. The price: a large factorisation that has the cores to
+      itself runs on one: the exact GP's marginal likelihood and gradient at N = 2,000 / 4,000 took 765 ms /
+      3.72 s against 510 ms / 3.33 s with two threads.
 
     Both must be set before the process starts, hence the re-exec; call this first thing in `__main__`. A value
     the environment already has is kept (the Makefile exports both), and off glibc Linux only OpenBLAS's is set.

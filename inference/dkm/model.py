@@ -314,9 +314,9 @@ def full_objective(spec: DKMSpec, params, x, y):
     largest jitter escalation."""
     chain = inducing_chain(spec, params, _input(spec, params, x).ii)
     k = chain.k_out
-    chol_y, ly = linalg.cholesky(k + noise_var(spec, params) * jnp.eye(k.shape[0], dtype=k.dtype),
-                                 spec.options.jitter)  # fmt: skip
-    return objectives.gaussian_log_marginal(chol_y, y) - chain.reg, jnp.maximum(chain.level, ly)
+    k_y = k + noise_var(spec, params) * jnp.eye(k.shape[0], dtype=k.dtype)
+    log_marginal, ly = objectives.gaussian_log_marginal_of(k_y, y, spec.options.jitter)
+    return log_marginal - chain.reg, jnp.maximum(chain.level, ly)
 
 
 def expected_log_lik(spec: DKMSpec, params, mean, var, y, key):

@@ -37,6 +37,28 @@ def test_gaussian_kl_is_zero_at_g_equal_k_and_matches_the_formula_elsewhere():
     assert want > 0.1
 
 
+def test_log_marginal_gradient_matches_autodiff_of_the_dense_formula():
+    """The closed-form gradient of `gaussian_log_marginal_of` (through the jitter) against autodiff of
+    -1/2 tr(Y^T K_j^-1 Y) - C/2 log det K_j - PC/2 log 2 pi with `jnp.linalg.solve` / `slogdet`."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(8, 8))
+    with jax.enable_x64(True):
+        k, y = jnp.asarray(a @ a.T / 8 + 0.3 * np.eye(8)), jnp.asarray(rng.normal(size=(8, 2)))
+        j = 1e-4
+
+        def dense(k, y):
+            kj = 0.5 * (k + k.T)
+            kj = kj + jnp.diag(j * jnp.diagonal(kj) + j)
+            quad = jnp.sum(y * jnp.linalg.solve(kj, y))
+            return -0.5 * (quad + 2 * jnp.linalg.slogdet(kj)[1] + 16 * math.log(2 * math.pi))
+
+        ours = lambda k, y: objectives.gaussian_log_marginal_of(k, y, j)[0]
+        np.testing.assert_allclose(ours(k, y), dense(k, y), rtol=1e-12)
+        (gk, gy), (wk, wy) = jax.grad(ours, (0, 1))(k, y), jax.grad(dense, (0, 1))(k, y)
+        np.testing.assert_allclose(gk, 0.5 * (wk + wk.T), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(gy, wy, rtol=1e-10)
+
+
 def test_nu_infinity_fit_is_the_nngp_exactly():
     x, y = _data()
     params = {"weight_var": 1.0, "bias_var": 0.1}
