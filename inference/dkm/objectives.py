@@ -104,7 +104,7 @@ def gaussian_log_marginal_of(
     K_y is factorised by `linalg.cholesky(k_y, jitter)`; the value is `gaussian_log_marginal` of that factor.
     The gradient is the closed form d/dK_j = (A A^T - C K_j^-1) / 2 with A = K_j^-1 Y and K_j the jittered
     matrix (then carried through the jitter's diagonal scaling), instead of the Cholesky factor's own
-    derivative: one inverse from the factor (a triangular solve and a product, ~2 N^3 flops) where
+    derivative: one inverse from the factor (a triangular solve and a product, ~3 N^3 flops) where
     differentiating through the factor costs two N x N triangular solves and an N x N product more.
     """
     return _log_marginal(k_y, y, float(jitter))
