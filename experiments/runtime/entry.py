@@ -55,8 +55,8 @@ def tune_process() -> None:
       float64, 2 cores) took 233 / 241 ms (min / median) against 382 / 483 ms with OpenBLAS limited to one
       thread at run time by threadpoolctl (which does not reach the calls XLA's threads make) and 445 / 506 ms
       with OpenBLAS's default of a thread per core. The price: a large factorisation that has the cores to
-      itself runs on one: the exact GP's marginal likelihood and gradient at N = 2,000 / 4,000 took 765 ms /
-      3.72 s against 510 ms / 3.33 s with two threads.
+      itself runs on one: the exact GP's marginal likelihood and gradient at N = 1,000 / 4,000 took 99.9 ms /
+      3.87 s against 91.4 ms / 3.10 s with two threads.
 
     Both must be set before the process starts, hence the re-exec; call this first thing in `__main__`. A value
     the environment already has is kept (the Makefile exports both), and off glibc Linux only OpenBLAS's is set.
