@@ -11,9 +11,9 @@ Measures, on synthetic 8-feature regression data (interleaved, after a warm-up c
   last incomplete minibatch (as the official loader), so B = 250 by default: it divides every default N, and
   each epoch then sees all N points (with B = 256, N = 1,000 would train on 768 points in 3 steps and N = 8,000
   on 7,936 in 31: 10.3x the work for 8x the data). The table also gives the time per minibatch step;
-* the epoch's floor: the Cholesky factorisations, triangular solves and matrix products of the same epoch (the
-  M x M factorisation of every layer, the M x M by M x B solves and products, forward and backward) timed alone
-  in one scan, without the kernels' elementwise work, the optimiser or the minibatch gather;
+* the epoch's floor: the factorisations and matrix products of the same epoch (every layer's M x M
+  factorisation, in float64 its inverse, and the (B, M) by (M, M) products, forward and backward; `floor_epoch`)
+  timed alone in one scan, without the kernels' elementwise work, the optimiser or the minibatch gather;
 * GPyTorch's SVGP epoch with the same M, B, N and dtype (`ApproximateGP` + `VariationalStrategy` with learned
   inducing points, Adam, a Python loop over minibatches as GPyTorch is used): the target is a DKM epoch at least
   as fast;
@@ -41,6 +41,7 @@ from jax.scipy.linalg import solve_triangular
 from theorax.experiments import runtime, timing
 from theorax.experiments.dkm import blas_threads
 from theorax.inference import dkm
+from theorax.inference.dkm import linalg
 from theorax.inference.dkm import model as dkm_model
 
 
@@ -116,31 +117,42 @@ def dkm_epoch(x, y, *, num_inducing: int, batch: int, depth: int, dtype: str, ke
 
 
 def floor_epoch(n: int, *, num_inducing: int, batch: int, depth: int, dtype: str):
-    """The epoch's factorisations, solves and products alone (forward and backward), one scan."""
+    """The epoch's factorisations and matrix products alone (forward and backward), one scan.
+
+    Per kernel layer (every hidden layer's and the output's) what `objectives.conditional` does with a batch,
+    without the kernels' elementwise work: in float64 the inverse of the M x M block (`linalg.factorize`, with
+    its derivative) and the (B, M) products A = K_ti K^-1 and A Q; in float32 the factor, L^-1 K_it and the two
+    products after it.
+    """
     m, steps = num_inducing, n // batch
     dt = jnp.float64 if dtype == "float64" else jnp.float32
     rng = np.random.default_rng(0)
     a = rng.normal(size=(m, 2 * m))
     k_ii = jnp.asarray(a @ a.T / (2 * m) + 0.1 * np.eye(m), dt)
+    chol_q = jnp.asarray(np.linalg.cholesky(np.asarray(k_ii)), dt)
     k_ti = jnp.asarray(rng.normal(size=(steps, batch, m)) / m, dt)
 
-    def core(k_ii, k_ti):
+    def core(k_ii, k_ti, chol_q):
         total = 0.0
         for _ in range(depth + 1):  # every layer's kernel and the output's
-            chol = jnp.linalg.cholesky(k_ii)
-            half = solve_triangular(chol, k_ti.T, lower=True)
-            w = solve_triangular(chol.T, half, lower=False)
-            total = total + jnp.sum((chol.T @ w) ** 2) + jnp.sum(half**2)
+            f = linalg.factorize(k_ii, 0.0)
+            if f.inv is not None:
+                cross = (k_ti @ f.inv) @ (chol_q @ chol_q.T)
+            else:
+                half = solve_triangular(f.chol, k_ti.T, lower=True)
+                cross = (solve_triangular(f.chol, chol_q, lower=True).T @ half).T @ chol_q.T
+            total = total + jnp.sum(cross**2) + f.logdet
         return total
 
     @jax.jit
-    def epoch(k_ii, k_ti):
+    def epoch(k_ii, k_ti, chol_q):
         def one(carry, kt):
-            return carry + jax.grad(core)(k_ii, kt)[0, 0], None
+            g = jax.grad(core, (0, 1, 2))(k_ii, kt, chol_q)
+            return carry + g[0][0, 0] + g[1][0, 0] + g[2][0, 0], None
 
         return jax.lax.scan(one, jnp.zeros((), dt), k_ti)[0]
 
-    return lambda: epoch(k_ii, k_ti).block_until_ready()
+    return lambda: epoch(k_ii, k_ti, chol_q).block_until_ready()
 
 
 def svgp_epoch(x, y, *, num_inducing: int, batch: int, dtype: str):

@@ -246,13 +246,14 @@ def _inducing(spec: DKMSpec, params):
 class Chain(NamedTuple):
     """The inducing (full DKM: training) block through the layers, shared by every batch of points.
 
-    grams[l]: G_l's block (l = 0..L); chols_k[l]: chol(K(G_l)) for the finite-nu layers l < L (None for
-    NNGP layers, whose points need no conditional); chols_g[l]: chol(G_{l+1}) (None likewise); k_out: the
-    output kernel's block K(G_L); reg: sum_l nu_l KL_l; level: the largest jitter escalation.
+    grams[l]: G_l's block (l = 0..L); factors[l]: K(G_l) factorised (`linalg.factorize`) for the finite-nu
+    layers l < L (None for NNGP layers, whose points need no conditional); chols_g[l]: chol(G_{l+1}) (None
+    likewise); k_out: the output kernel's block K(G_L); reg: sum_l nu_l KL_l; level: the largest jitter
+    escalation.
     """
 
     grams: list
-    chols_k: list
+    factors: list
     chols_g: list
     k_out: jax.Array
     reg: jax.Array
@@ -262,25 +263,25 @@ class Chain(NamedTuple):
 def inducing_chain(spec: DKMSpec, params, g0: jax.Array) -> Chain:
     """Runs the inducing (or full training) block G_0 through the hidden layers."""
     jitter = spec.options.jitter
-    grams, chols_k, chols_g = [g0], [], []
+    grams, factors, chols_g = [g0], [], []
     reg, level = jnp.zeros((), g0.dtype), jnp.zeros((), jnp.int32)
     g = g0
     for layer in range(spec.depth):
         k = _kernel(spec, params, layer, g)
         if math.isinf(spec.nu[layer]):
-            chols_k.append(None)
+            factors.append(None)
             chols_g.append(None)
             g = k
         else:
-            chol_k, lk = linalg.cholesky(k, jitter)
+            factor = linalg.factorize(k, jitter)
             chol_g = _decode_cholesky(params["grams"][str(layer)])
-            reg = reg + spec.nu[layer] * linalg.kl_from_cholesky(chol_g, chol_k)
-            level = jnp.maximum(level, lk)
-            chols_k.append(chol_k)
+            reg = reg + spec.nu[layer] * linalg.kl(chol_g, factor)
+            level = jnp.maximum(level, factor.level)
+            factors.append(factor)
             chols_g.append(chol_g)
             g = chol_g @ chol_g.T
         grams.append(g)
-    return Chain(grams, chols_k, chols_g, _kernel(spec, params, spec.depth, g), reg, level)
+    return Chain(grams, factors, chols_g, _kernel(spec, params, spec.depth, g), reg, level)
 
 
 def point_blocks(spec: DKMSpec, params, chain: Chain, ti0: jax.Array, t0: jax.Array) -> GramBlocks:
@@ -288,10 +289,10 @@ def point_blocks(spec: DKMSpec, params, chain: Chain, ti0: jax.Array, t0: jax.Ar
     blocks = GramBlocks(chain.grams[0], ti0, t0)
     for layer in range(spec.depth):
         k = _kernel(spec, params, layer, blocks)
-        if chain.chols_k[layer] is None:
+        if chain.factors[layer] is None:
             blocks = k
         else:
-            blocks = objectives.propagate(k, chain.chols_k[layer], chain.chols_g[layer])
+            blocks = objectives.propagate(k, chain.factors[layer], chain.chols_g[layer])
     out = _kernel(spec, params, spec.depth, blocks)
     return GramBlocks(chain.k_out, out.ti, out.t)
 
@@ -332,13 +333,13 @@ def sparse_objective(spec: DKMSpec, params, x, y, n_train: int, key):
     blocks = _input(spec, params, _inducing(spec, params), x)
     chain = inducing_chain(spec, params, blocks.ii)
     k = point_blocks(spec, params, chain, blocks.ti, blocks.t)
-    chol_k, lk = linalg.cholesky(k.ii, spec.options.jitter)
+    factor = linalg.factorize(k.ii, spec.options.jitter)
     mean_u, chol_a = _output(params)
-    mean, _, var = objectives.conditional(k, chol_k, chol_a, mean_u)
+    mean, _, var = objectives.conditional(k, factor, chol_a, mean_u)
     ell = expected_log_lik(spec, params, mean, var, y, key)
-    kl_out = linalg.kl_from_cholesky(chol_a, chol_k, mean_u)
+    kl_out = linalg.kl(chol_a, factor, mean_u)
     value = jnp.mean(ell) - (spec.output_kl_scale * kl_out + chain.reg) / n_train
-    return value, jnp.maximum(chain.level, lk)
+    return value, jnp.maximum(chain.level, factor.level)
 
 
 # ----------------------------------------------------------------------------------------- initialisation

@@ -46,46 +46,52 @@ __all__ = [
 
 
 def conditional(
-    k: GramBlocks, chol_k: jax.Array, chol_q: jax.Array, mean: jax.Array | None = None
+    k: GramBlocks, factor: linalg.Factor, chol_q: jax.Array, mean: jax.Array | None = None
 ) -> tuple[jax.Array | None, jax.Array, jax.Array]:
-    r"""What the conditional formulas share: chol_q^T K_ii^-1 K_it, the points' variances and (given an
-    inducing mean mu) the points' means.
+    r"""The conditional formulas at B points: their means, their cross block K_ti K_ii^-1 Q and their variances.
 
     Args:
       k: kernel blocks (ii, ti, t) with `ti` of shape (B, M).
-      chol_k: the (jittered) Cholesky factor L of k.ii.
+      factor: k.ii factorised (`linalg.factorize`, with the jitter).
       chol_q: a factor of the inducing block's covariance Q = chol_q chol_q^T (G_ii of a Gram layer, A of
         the output layer).
       mean: optional inducing means mu (M, C).
 
     Returns:
-      (mean_t, QW, var): mean_t = K_ti K_ii^-1 mu of shape (B, C) (None without `mean`), QW = chol_q^T
-      K_ii^-1 K_it of shape (M, B), and var = k_t - diag(K_ti K_ii^-1 K_it) + diag(K_ti K_ii^-1 Q K_ii^-1
-      K_it) of shape (B,). The first two terms of var (a Schur complement, non-negative in exact arithmetic)
-      are clamped at 0 against round-off.
+      (mean_t, cross, var): mean_t = K_ti K_ii^-1 mu of shape (B, C) (None without `mean`), cross = K_ti
+      K_ii^-1 Q of shape (B, M) (a Gram layer's G_ti), and var = k_t - diag(K_ti K_ii^-1 K_it) +
+      diag(K_ti K_ii^-1 Q K_ii^-1 K_it) of shape (B,). The first two terms of var (a Schur complement,
+      non-negative in exact arithmetic) are clamped at 0 against round-off, and so is the third.
 
-    Only one triangular solve is as wide as the batch (L^-1 K_it); the others are M wide: QW = (L^-1
-    chol_q)^T L^-1 K_it and mean_t = (L^-1 K_it)^T L^-1 mu, and L^-1 chol_q, L^-1 mu are the very solves the
-    KL terms take (`linalg.kl_from_cholesky`), which the compiler shares.
+    With K_ii^-1 the (B, M)-wide work is two products, A = K_ti K_ii^-1 and cross = A Q (then var = k_t -
+    rowsum(A o K_ti) + rowsum(A o cross)); with the factor L it is a triangular solve and two products, half =
+    L^-1 K_it, QW = (L^-1 chol_q)^T half and cross = QW^T chol_q^T (var from the squares of half and QW).
     """
-    half = solve_triangular(chol_k, k.ti.T, lower=True)
-    qw = solve_triangular(chol_k, chol_q, lower=True).T @ half
+    if factor.inv is not None:
+        a = k.ti @ factor.inv
+        cross = a @ (chol_q @ chol_q.T)
+        schur = jnp.maximum(k.t - jnp.sum(a * k.ti, axis=1), 0.0)
+        mean_t = None if mean is None else a @ mean
+        return mean_t, cross, schur + jnp.maximum(jnp.sum(a * cross, axis=1), 0.0)
+    half = solve_triangular(factor.chol, k.ti.T, lower=True)
+    qw = solve_triangular(factor.chol, chol_q, lower=True).T @ half
     schur = jnp.maximum(k.t - jnp.sum(half * half, axis=0), 0.0)
-    mean_t = None if mean is None else half.T @ solve_triangular(chol_k, mean, lower=True)
-    return mean_t, qw, schur + jnp.sum(qw * qw, axis=0)
+    mean_t = None if mean is None else half.T @ solve_triangular(factor.chol, mean, lower=True)
+    return mean_t, qw.T @ chol_q.T, schur + jnp.sum(qw * qw, axis=0)
 
 
-def propagate(k: GramBlocks, chol_k: jax.Array, chol_g: jax.Array) -> GramBlocks:
+def propagate(k: GramBlocks, factor: linalg.Factor, chol_g: jax.Array) -> GramBlocks:
     r"""A Gram layer's blocks from the next kernel's blocks and its inducing Gram G_ii = chol_g chol_g^T.
 
     G_ti = K_ti K_ii^-1 G_ii and g_t = k_t - diag(K_ti K_ii^-1 K_it) + diag(K_ti K_ii^-1 G_ii K_ii^-1 K_it)
-    (reference notes Sec. 2.3). Without points (`k.ti is None`) only G_ii.
+    (reference notes Sec. 2.3), with `factor` K_ii factorised (`linalg.factorize`). Without points
+    (`k.ti is None`) only G_ii.
     """
     g_ii = chol_g @ chol_g.T
     if k.ti is None:
         return GramBlocks(g_ii)
-    _, gw, g_t = conditional(k, chol_k, chol_g)
-    return GramBlocks(g_ii, gw.T @ chol_g.T, g_t)
+    _, g_ti, g_t = conditional(k, factor, chol_g)
+    return GramBlocks(g_ii, g_ti, g_t)
 
 
 def gaussian_log_marginal(chol_y: jax.Array, y: jax.Array) -> jax.Array:

@@ -42,13 +42,14 @@ def _moments(spec: DKMSpec, params, x_train, y_train, x_test, batch: int):
     if spec.sparse:
         z = params["inducing"]
         chain = inducing_chain(spec, params, _input(spec, params, z).ii)
-        chol_k, level = linalg.cholesky(chain.k_out, jitter)
+        factor = linalg.factorize(chain.k_out, jitter)
+        level = factor.level
         mean_u, chol_a = _output(params)
 
         def one(xb):
             blocks = _input(spec, params, z, xb)
             k = point_blocks(spec, params, chain, blocks.ti, blocks.t)
-            mean, _, var = objectives.conditional(k, chol_k, chol_a, mean_u)
+            mean, _, var = objectives.conditional(k, factor, chol_a, mean_u)
             return mean, var
 
     else:

@@ -3,6 +3,7 @@ closed-form optimum of a one-layer linear DKM, the sparse DKM with inducing poin
 one, and non-negative propagated diagonals."""
 
 import dataclasses
+import itertools
 import math
 
 import jax
@@ -57,6 +58,51 @@ def test_log_marginal_gradient_matches_autodiff_of_the_dense_formula():
         (gk, gy), (wk, wy) = jax.grad(ours, (0, 1))(k, y), jax.grad(dense, (0, 1))(k, y)
         np.testing.assert_allclose(gk, 0.5 * (wk + wk.T), rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(gy, wy, rtol=1e-10)
+
+
+def test_factorize_inverse_and_its_derivative_match_the_dense_inverse_and_the_cholesky_path():
+    """`linalg.factorize(inverse=True)` (K_j^-1 and log det K_j with their own derivative rule) against
+    `jnp.linalg.inv` / `slogdet` of the jittered matrix differentiated by JAX, in reverse and forward mode; and
+    its conditional and KL equal the Cholesky factor's (`inverse=False`), values and gradients."""
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 3))
+    j = 1e-4
+    with jax.enable_x64(True):
+        k, c = jnp.asarray(a @ a.T / 6 + 0.2 * np.eye(6)), jnp.asarray(b)
+        dk = jnp.asarray(rng.normal(size=(6, 6)))
+
+        def dense(k):
+            kj = 0.5 * (k + k.T)
+            kj = kj + jnp.diag(j * jnp.diagonal(kj) + j)
+            return jnp.linalg.inv(kj), jnp.linalg.slogdet(kj)[1]
+
+        def ours(k):
+            f = linalg.factorize(k, j, inverse=True)
+            return f.inv, f.logdet
+
+        scalar = lambda fn: lambda k: jnp.sum(jnp.sin(fn(k)[0] @ c)) + fn(k)[1] ** 2
+        for got, want in zip(ours(k), dense(k)):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(jax.grad(scalar(ours))(k), jax.grad(scalar(dense))(k), rtol=1e-8, atol=1e-11)
+        for got, want in zip(jax.jvp(ours, (k,), (dk,))[1], jax.jvp(dense, (k,), (dk,))[1]):
+            np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-11)
+
+        blocks = GramBlocks(k, jnp.asarray(rng.normal(size=(4, 6))), jnp.full(4, 50.0))
+        chol_q = jnp.linalg.cholesky(jnp.asarray(b @ b.T + 0.5 * np.eye(6)))
+
+        def through(inverse):
+            def value(k, chol_q, mean):
+                f = linalg.factorize(k, j, inverse)
+                blocks_k = GramBlocks(k, blocks.ti, blocks.t)
+                mean_t, cross, var = objectives.conditional(blocks_k, f, chol_q, mean)
+                return jnp.sum(mean_t**2) + jnp.sum(jnp.cos(cross)) + jnp.sum(var) + linalg.kl(chol_q, f, mean)
+
+            return jax.value_and_grad(value, (0, 1, 2))(k, chol_q, c[:, :2])
+
+        (v_inv, g_inv), (v_chol, g_chol) = through(True), through(False)
+        np.testing.assert_allclose(v_inv, v_chol, rtol=1e-10)
+        for got, want in zip(g_inv, g_chol):
+            np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
 
 
 def test_nu_infinity_fit_is_the_nngp_exactly():
@@ -152,9 +198,10 @@ def test_propagated_test_diagonals_are_non_negative_and_consistent():
     with jax.enable_x64(True):
         k = kernels.relu_kernel(kernels.input_blocks(jnp.asarray(z), jnp.asarray(x)), 1.0, 0.1)
         chol_k, _ = linalg.cholesky(k.ii, 1e-4)
-        for dof in (2, 12):  # a rank-deficient-ish and a well-conditioned G_ii
-            chol_g, _ = linalg.cholesky(jnp.asarray(_wishart(rng, 6, dof)), 1e-6)
-            g = objectives.propagate(k, chol_k, chol_g)
+        factors = [linalg.factorize(k.ii, 1e-4, inverse) for inverse in (False, True)]
+        for dof, factor in itertools.product((2, 12), factors):  # a rank-deficient-ish and a well-conditioned G_ii
+            chol_g, _ = linalg.cholesky(jnp.asarray(_wishart(np.random.default_rng(dof), 6, dof)), 1e-6)
+            g = objectives.propagate(k, factor, chol_g)
             g_t, g_ti, g_ii = np.asarray(g.t), np.asarray(g.ti), np.asarray(g.ii)
             assert np.all(g_t >= 0)
             schur = g_t - np.einsum("bi,ij,bj->b", g_ti, np.linalg.inv(g_ii), g_ti)
@@ -167,9 +214,10 @@ def test_propagated_test_diagonals_are_non_negative_and_consistent():
             assert np.all(schur >= -1e-8 * np.max(g_t))
             np.testing.assert_allclose(schur, np.maximum(kernel_schur, 0), atol=1e-6 * np.max(g_t))
         # with G_ii = K_ii the points' blocks are the kernel's own
-        same = objectives.propagate(k, chol_k, chol_k)
-        np.testing.assert_allclose(same.ti, k.ti, rtol=1e-8, atol=1e-10)
-        np.testing.assert_allclose(same.t, k.t, rtol=1e-8, atol=1e-10)
+        for factor in factors:
+            same = objectives.propagate(k, factor, chol_k)
+            np.testing.assert_allclose(same.ti, k.ti, rtol=1e-8, atol=1e-10)
+            np.testing.assert_allclose(same.t, k.t, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.slow  # ~2 min of the loaded CPU: two float64 DKMs built, evaluated and predicted eagerly
