@@ -93,7 +93,9 @@ def _escalating_cholesky(levels: tuple[float, ...]):
     def factor(k, level):
         j = jnp.asarray(levels, k.dtype)[level]
         sym = 0.5 * (k + k.T)  # symmetrised here, once (not again inside the factorisation)
-        return lax.linalg.cholesky(sym + jnp.diag(j * jnp.diagonal(sym) + j), symmetrize_input=False)
+        return lax.linalg.cholesky(
+            sym + jnp.diag(j * jnp.diagonal(sym) + j), symmetrize_input=False
+        )
 
     def bad(chol):
         return ~jnp.all(jnp.isfinite(chol))

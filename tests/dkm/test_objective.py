@@ -81,27 +81,37 @@ def test_factorize_inverse_and_its_derivative_match_the_dense_inverse_and_the_ch
             return f.inv, f.logdet
 
         scalar = lambda fn: lambda k: jnp.sum(jnp.sin(fn(k)[0] @ c)) + fn(k)[1] ** 2
-        for got, want in zip(ours(k), dense(k)):
+        for got, want in zip(ours(k), dense(k), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(jax.grad(scalar(ours))(k), jax.grad(scalar(dense))(k), rtol=1e-8, atol=1e-11)
-        for got, want in zip(jax.jvp(ours, (k,), (dk,))[1], jax.jvp(dense, (k,), (dk,))[1]):
+        np.testing.assert_allclose(
+            jax.grad(scalar(ours))(k), jax.grad(scalar(dense))(k), rtol=1e-8, atol=1e-11
+        )
+        for got, want in zip(
+            jax.jvp(ours, (k,), (dk,))[1], jax.jvp(dense, (k,), (dk,))[1], strict=True
+        ):
             np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-11)
 
-        blocks = GramBlocks(k, jnp.asarray(rng.normal(size=(4, 6))), jnp.full(4, 50.0))
+        k_ti, k_t = jnp.asarray(rng.normal(size=(4, 6))), jnp.full(4, 50.0)
         chol_q = jnp.linalg.cholesky(jnp.asarray(b @ b.T + 0.5 * np.eye(6)))
 
         def through(inverse):
             def value(k, chol_q, mean):
                 f = linalg.factorize(k, j, inverse)
-                blocks_k = GramBlocks(k, blocks.ti, blocks.t)
-                mean_t, cross, var = objectives.conditional(blocks_k, f, chol_q, mean)
-                return jnp.sum(mean_t**2) + jnp.sum(jnp.cos(cross)) + jnp.sum(var) + linalg.kl(chol_q, f, mean)
+                mean_t, cross, var = objectives.conditional(
+                    GramBlocks(k, k_ti, k_t), f, chol_q, mean
+                )
+                return (
+                    jnp.sum(mean_t**2)
+                    + jnp.sum(jnp.cos(cross))
+                    + jnp.sum(var)
+                    + linalg.kl(chol_q, f, mean)
+                )
 
             return jax.value_and_grad(value, (0, 1, 2))(k, chol_q, c[:, :2])
 
         (v_inv, g_inv), (v_chol, g_chol) = through(True), through(False)
         np.testing.assert_allclose(v_inv, v_chol, rtol=1e-10)
-        for got, want in zip(g_inv, g_chol):
+        for got, want in zip(g_inv, g_chol, strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
 
 
@@ -199,8 +209,12 @@ def test_propagated_test_diagonals_are_non_negative_and_consistent():
         k = kernels.relu_kernel(kernels.input_blocks(jnp.asarray(z), jnp.asarray(x)), 1.0, 0.1)
         chol_k, _ = linalg.cholesky(k.ii, 1e-4)
         factors = [linalg.factorize(k.ii, 1e-4, inverse) for inverse in (False, True)]
-        for dof, factor in itertools.product((2, 12), factors):  # a rank-deficient-ish and a well-conditioned G_ii
-            chol_g, _ = linalg.cholesky(jnp.asarray(_wishart(np.random.default_rng(dof), 6, dof)), 1e-6)
+        for dof, factor in itertools.product(
+            (2, 12), factors
+        ):  # a rank-deficient-ish and a well-conditioned G_ii
+            chol_g, _ = linalg.cholesky(
+                jnp.asarray(_wishart(np.random.default_rng(dof), 6, dof)), 1e-6
+            )
             g = objectives.propagate(k, factor, chol_g)
             g_t, g_ti, g_ii = np.asarray(g.t), np.asarray(g.ti), np.asarray(g.ii)
             assert np.all(g_t >= 0)
