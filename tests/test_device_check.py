@@ -19,6 +19,7 @@ from theorax.experiments import device_check, runtime
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # every system's workload compiled on 4 fake CPU devices: ~100 s (the wiring tests below stay)
 def test_tiny_check_runs_every_system_and_writes_json_and_table(tmp_path):
     result = device_check.run_device_check(
         str(tmp_path), tiny=True, torch_compile=False, allow_loaded=True

@@ -56,6 +56,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # three training runs in subprocesses, ~100 s on a 2-core Zen 1 VM (the fast SIGTERM test stays)
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     steps = ("--config.num_steps=40", "--config.checkpoint_every=10")
     launch(tmp_path / "full", *steps)
@@ -94,6 +95,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert results == json.load(open(tmp_path / "full" / "results.json"))
 
 
+@pytest.mark.slow  # four training runs in subprocesses, two of them jax.distributed processes: ~115 s
 def test_one_device_equals_four_devices_equals_two_processes(tmp_path):
     launch(tmp_path / "four", *SGD, devices=4)
     launch(tmp_path / "one", *SGD, devices=1)
