@@ -179,10 +179,33 @@ def relu_kernel(gram: Gram, weight_var: float = 1.0, bias_var: float = 0.0) -> G
     """
 
     def pair(g_xy, g_xx, g_yy):
-        c, norm = _cosine(g_xy, g_xx, g_yy)
-        return weight_var * norm * _arccos_j(c) / math.pi + bias_var
+        return weight_var * _relu_pair(g_xy, g_xx, g_yy) + bias_var
 
     return _apply(gram, pair, lambda g: weight_var * g + bias_var)
+
+
+@jax.custom_jvp
+def _relu_pair(g_xy, g_xx, g_yy):
+    """[sqrt(g_xx g_yy - g_xy^2) + (pi - theta) g_xy] / pi, the ReLU kernel off the diagonal with w = 1, b = 0."""
+    c, norm = _cosine(g_xy, g_xx, g_yy)
+    return norm * _arccos_j(c) / math.pi
+
+
+@_relu_pair.defjvp
+def _relu_pair_jvp(primals, tangents):
+    """The derivatives in closed form: dK/dg_xy = (pi - theta) / pi and dK/dg_xx = sqrt(g_xx g_yy - g_xy^2) /
+    (2 pi g_xx) (g_yy alike), finite at collinear points, where autodiff of the formula would pass through
+    the cosine's division, clip and square root (a few more passes over every (B, M) block)."""
+    (g_xy, g_xx, g_yy), (d_xy, d_xx, d_yy) = primals, tangents
+    c, norm = _cosine(g_xy, g_xx, g_yy)
+    theta = _arccos(c)
+    half_sine = 0.5 * norm * jnp.sqrt(jnp.maximum(1.0 - c * c, 0.0))
+    value = (half_sine * 2.0 + (math.pi - theta) * c * norm) / math.pi
+    tangent = (math.pi - theta) * d_xy
+    tangent = tangent + half_sine * (
+        d_xx / jnp.maximum(g_xx, _TINY) + d_yy / jnp.maximum(g_yy, _TINY)
+    )
+    return value, tangent / math.pi
 
 
 def sqexp_kernel(gram: Gram, lengthscale: float = 1.0, variance: float = 1.0) -> Gram:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from theorax.inference import dkm
 from theorax.models import dkm as kernels
+from theorax.models.dkm import GramBlocks
 
 
 def _gram(rng, p, n0=4):
@@ -105,6 +106,32 @@ def test_relu_kernel_gradient_is_finite_at_collinear_points():
         batched = jax.jit(jax.vmap(total))
         fd = (np.asarray(batched(x64 + steps)) - np.asarray(batched(x64 - steps))) / (2 * eps)
     np.testing.assert_allclose(g64, fd.reshape(4, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_relu_kernel_derivative_rule_matches_autodiff_of_the_formula():
+    """The ReLU kernel's closed-form derivative (w.r.t. the Gram blocks and w, b) against JAX's autodiff of
+    w [sqrt(g_xx g_yy - g_xy^2) + (pi - arccos(c)) g_xy] / pi + b with `jnp.arccos`, away from c = +-1."""
+    rng = np.random.default_rng(2)
+    with jax.enable_x64(True):
+        z, x = jnp.asarray(rng.normal(size=(5, 3))), jnp.asarray(rng.normal(size=(7, 3)))
+
+        def formula(ti, t, ii, w, b):
+            d = jnp.diagonal(ii)
+            c = ti / jnp.sqrt(t[:, None] * d[None, :])
+            root = jnp.sqrt(t[:, None] * d[None, :] - ti**2)
+            return w * (root + (jnp.pi - jnp.arccos(c)) * ti) / jnp.pi + b
+
+        def ours(ti, t, ii, w, b):
+            return kernels.relu_kernel(GramBlocks(ii, ti, t), w, b).ti
+
+        blocks = kernels.input_blocks(z, x)
+        args = (blocks.ti, blocks.t, blocks.ii, 1.3, 0.2)
+        cot = jnp.asarray(rng.normal(size=(7, 5)))
+        np.testing.assert_allclose(ours(*args), formula(*args), rtol=1e-12)
+        got = jax.vjp(ours, *args)[1](cot)
+        want = jax.vjp(formula, *args)[1](cot)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
 
 
 def _relu_recursion(x, depth, w, b):
