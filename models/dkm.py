@@ -135,22 +135,14 @@ def _arccos(c):
     )
 
 
-@jax.custom_jvp
 def _arccos_j(c):
     """J(c) = sqrt(1 - c^2) + (pi - arccos c) c, the arc-cosine kernel of degree 1 as a function of the cosine
     c = cos(theta) (Cho and Saul 2009: sin theta + (pi - theta) cos theta).
 
-    J is smooth at c = +-1 although both of its terms have infinite slopes there: J'(c) = pi - arccos(c). The
-    custom derivative uses that, so that the gradient at collinear points (the diagonal, a test point on an
-    inducing point) is finite.
+    J is smooth at c = +-1 although both of its terms have infinite slopes there; the ReLU kernel's own
+    derivative rule (`_relu_pair`) is what keeps the gradient at collinear points finite.
     """
     return jnp.sqrt(jnp.maximum(1.0 - c * c, 0.0)) + (math.pi - _arccos(c)) * c
-
-
-@_arccos_j.defjvp
-def _arccos_j_jvp(primals, tangents):
-    (c,), (dc,) = primals, tangents
-    return _arccos_j(c), (math.pi - _arccos(c)) * dc
 
 
 def _cosine(g_xy, g_xx, g_yy):
@@ -198,14 +190,12 @@ def _relu_pair_jvp(primals, tangents):
     the cosine's division, clip and square root (a few more passes over every (B, M) block)."""
     (g_xy, g_xx, g_yy), (d_xy, d_xx, d_yy) = primals, tangents
     c, norm = _cosine(g_xy, g_xx, g_yy)
-    theta = _arccos(c)
     half_sine = 0.5 * norm * jnp.sqrt(jnp.maximum(1.0 - c * c, 0.0))
-    value = (half_sine * 2.0 + (math.pi - theta) * c * norm) / math.pi
-    tangent = (math.pi - theta) * d_xy
+    tangent = (math.pi - _arccos(c)) * d_xy
     tangent = tangent + half_sine * (
         d_xx / jnp.maximum(g_xx, _TINY) + d_yy / jnp.maximum(g_yy, _TINY)
     )
-    return value, tangent / math.pi
+    return norm * _arccos_j(c) / math.pi, tangent / math.pi
 
 
 def sqexp_kernel(gram: Gram, lengthscale: float = 1.0, variance: float = 1.0) -> Gram:

@@ -209,9 +209,8 @@ def test_propagated_test_diagonals_are_non_negative_and_consistent():
         k = kernels.relu_kernel(kernels.input_blocks(jnp.asarray(z), jnp.asarray(x)), 1.0, 0.1)
         chol_k, _ = linalg.cholesky(k.ii, 1e-4)
         factors = [linalg.factorize(k.ii, 1e-4, inverse) for inverse in (False, True)]
-        for dof, factor in itertools.product(
-            (2, 12), factors
-        ):  # a rank-deficient-ish and a well-conditioned G_ii
+        # a rank-deficient-ish and a well-conditioned G_ii, each through both factorisations
+        for dof, factor in itertools.product((2, 12), factors):
             chol_g, _ = linalg.cholesky(
                 jnp.asarray(_wishart(np.random.default_rng(dof), 6, dof)), 1e-6
             )
