@@ -119,28 +119,31 @@ def dkm_epoch(x, y, *, num_inducing: int, batch: int, depth: int, dtype: str, ke
 def floor_epoch(n: int, *, num_inducing: int, batch: int, depth: int, dtype: str):
     """The epoch's factorisations and matrix products alone (forward and backward), one scan.
 
-    Per kernel layer (every hidden layer's and the output's) what `objectives.conditional` does with a batch,
-    without the kernels' elementwise work: in float64 the inverse of the M x M block (`linalg.factorize`, with
-    its derivative) and the (B, M) products A = K_ti K^-1 and A Q; in float32 the factor, L^-1 K_it and the two
-    products after it.
+    Per kernel layer (every hidden layer's and the output's, each on its own blocks so that XLA cannot share
+    one layer's work with another) what `objectives.conditional` does with a batch, without the kernels'
+    elementwise work: in float64 the inverse of the M x M block (`linalg.factorize`, with its derivative), Q =
+    `linalg.outer(chol_q)` and the (B, M) products A = K_ti K^-1 and A Q; in float32 the factor, L^-1 K_it and
+    the two products after it.
     """
     m, steps = num_inducing, n // batch
+    layers = depth + 1  # every hidden layer's kernel and the output's
     dt = jnp.float64 if dtype == "float64" else jnp.float32
     rng = np.random.default_rng(0)
-    a = rng.normal(size=(m, 2 * m))
-    k_ii = jnp.asarray(a @ a.T / (2 * m) + 0.1 * np.eye(m), dt)
-    chol_q = jnp.asarray(np.linalg.cholesky(np.asarray(k_ii)), dt)
-    k_ti = jnp.asarray(rng.normal(size=(steps, batch, m)) / m, dt)
+    a = rng.normal(size=(layers, m, 2 * m))
+    k = a @ a.transpose(0, 2, 1) / (2 * m) + 0.1 * np.eye(m)  # a distinct block per layer
+    k_ii, chol_q = jnp.asarray(k, dt), jnp.asarray(np.linalg.cholesky(k), dt)
+    k_ti = jnp.asarray(rng.normal(size=(steps, layers, batch, m)) / m, dt)
 
     def core(k_ii, k_ti, chol_q):
         total = 0.0
-        for _ in range(depth + 1):  # every layer's kernel and the output's
-            f = linalg.factorize(k_ii, 0.0)
+        for layer in range(layers):
+            f = linalg.factorize(k_ii[layer], 0.0)
             if f.inv is not None:
-                cross = (k_ti @ f.inv) @ (chol_q @ chol_q.T)
+                cross = (k_ti[layer] @ f.inv) @ linalg.outer(chol_q[layer])
             else:
-                half = solve_triangular(f.chol, k_ti.T, lower=True)
-                cross = (solve_triangular(f.chol, chol_q, lower=True).T @ half).T @ chol_q.T
+                half = solve_triangular(f.chol, k_ti[layer].T, lower=True)
+                white_q = solve_triangular(f.chol, chol_q[layer], lower=True)
+                cross = (white_q.T @ half).T @ chol_q[layer].T
             total = total + jnp.sum(cross**2) + f.logdet
         return total
 
@@ -148,7 +151,7 @@ def floor_epoch(n: int, *, num_inducing: int, batch: int, depth: int, dtype: str
     def epoch(k_ii, k_ti, chol_q):
         def one(carry, kt):
             g = jax.grad(core, (0, 1, 2))(k_ii, kt, chol_q)
-            return carry + g[0][0, 0] + g[1][0, 0] + g[2][0, 0], None
+            return carry + sum(jnp.sum(x[..., 0, 0]) for x in g), None
 
         return jax.lax.scan(one, jnp.zeros((), dt), k_ti)[0]
 

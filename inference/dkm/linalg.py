@@ -183,10 +183,39 @@ def _escalating_inverse(levels: tuple[float, ...]):
     return inverse
 
 
-def kl(chol_q: jax.Array, p: Factor, mean: jax.Array | None = None) -> jax.Array:
+def outer(chol: jax.Array) -> jax.Array:
+    r"""chol chol^T, whose derivative dL L^T + L dL^T is formed from the one product S = dL L^T (S + S^T).
+
+    Its reverse mode is then one product, (C + C^T) L, where autodiff of `chol @ chol.T` takes two (C L and
+    C^T L, one per operand). A covariance that several terms use (a Gram layer's G_ii = L L^T in its KL, its
+    conditional and the next kernel) is formed once with it, so that their cotangents add before that one
+    product.
+
+    >>> outer(jnp.array([[1.0, 0.0], [2.0, 3.0]]))
+    Array([[ 1.,  2.],
+           [ 2., 13.]], dtype=float32)
+    """
+    return _outer(chol)
+
+
+@jax.custom_jvp
+def _outer(chol):
+    return chol @ chol.T
+
+
+@_outer.defjvp
+def _outer_jvp(primals, tangents):
+    (chol,), (dchol,) = primals, tangents
+    s = dchol @ chol.T
+    return _outer(chol), s + s.T
+
+
+def kl(
+    chol_q: jax.Array, p: Factor, mean: jax.Array | None = None, q: jax.Array | None = None
+) -> jax.Array:
     r"""KL(N(mu_c, A) || N(0, K)) summed over the columns c of `mean`, A = chol_q chol_q^T and K given by its
     `Factor` `p`: `kl_from_cholesky` for a Cholesky factor, and for an inverse the same formula with
-    tr(K^-1 A) = sum(K^-1 o A) and mu^T K^-1 mu as products.
+    tr(K^-1 A) = sum(K^-1 o A) and mu^T K^-1 mu as products (A itself is `q` when given, else `outer(chol_q)`).
 
     >>> k = jnp.array([[2.0, 0.5], [0.5, 1.0]])
     >>> chol = jnp.linalg.cholesky(k)
@@ -197,7 +226,7 @@ def kl(chol_q: jax.Array, p: Factor, mean: jax.Array | None = None) -> jax.Array
         return kl_from_cholesky(chol_q, p.chol, mean)
     m = chol_q.shape[-1]
     columns = 1 if mean is None else mean.shape[-1]
-    trace = jnp.sum(p.inv * (chol_q @ chol_q.T))
+    trace = jnp.sum(p.inv * (outer(chol_q) if q is None else q))
     value = 0.5 * columns * (trace - m + p.logdet - _logdet(chol_q))
     if mean is not None:
         value = value + 0.5 * jnp.sum(mean * (p.inv @ mean))

@@ -275,11 +275,11 @@ def inducing_chain(spec: DKMSpec, params, g0: jax.Array) -> Chain:
         else:
             factor = linalg.factorize(k, jitter)
             chol_g = _decode_cholesky(params["grams"][str(layer)])
-            reg = reg + spec.nu[layer] * linalg.kl(chol_g, factor)
+            g = linalg.outer(chol_g)
+            reg = reg + spec.nu[layer] * linalg.kl(chol_g, factor, q=g)
             level = jnp.maximum(level, factor.level)
             factors.append(factor)
             chols_g.append(chol_g)
-            g = chol_g @ chol_g.T
         grams.append(g)
     return Chain(grams, factors, chols_g, _kernel(spec, params, spec.depth, g), reg, level)
 
@@ -292,7 +292,9 @@ def point_blocks(spec: DKMSpec, params, chain: Chain, ti0: jax.Array, t0: jax.Ar
         if chain.factors[layer] is None:
             blocks = k
         else:
-            blocks = objectives.propagate(k, chain.factors[layer], chain.chols_g[layer])
+            blocks = objectives.propagate(
+                k, chain.factors[layer], chain.chols_g[layer], chain.grams[layer + 1]
+            )
     out = _kernel(spec, params, spec.depth, blocks)
     return GramBlocks(chain.k_out, out.ti, out.t)
 
@@ -335,9 +337,10 @@ def sparse_objective(spec: DKMSpec, params, x, y, n_train: int, key):
     k = point_blocks(spec, params, chain, blocks.ti, blocks.t)
     factor = linalg.factorize(k.ii, spec.options.jitter)
     mean_u, chol_a = _output(params)
-    mean, _, var = objectives.conditional(k, factor, chol_a, mean_u)
+    a = linalg.outer(chol_a)
+    mean, _, var = objectives.conditional(k, factor, chol_a, mean_u, q=a)
     ell = expected_log_lik(spec, params, mean, var, y, key)
-    kl_out = linalg.kl(chol_a, factor, mean_u)
+    kl_out = linalg.kl(chol_a, factor, mean_u, q=a)
     value = jnp.mean(ell) - (spec.output_kl_scale * kl_out + chain.reg) / n_train
     return value, jnp.maximum(chain.level, factor.level)
 

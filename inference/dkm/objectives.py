@@ -46,7 +46,11 @@ __all__ = [
 
 
 def conditional(
-    k: GramBlocks, factor: linalg.Factor, chol_q: jax.Array, mean: jax.Array | None = None
+    k: GramBlocks,
+    factor: linalg.Factor,
+    chol_q: jax.Array,
+    mean: jax.Array | None = None,
+    q: jax.Array | None = None,
 ) -> tuple[jax.Array | None, jax.Array, jax.Array]:
     r"""The conditional formulas at B points: their means, their cross block K_ti K_ii^-1 Q and their variances.
 
@@ -56,6 +60,8 @@ def conditional(
       chol_q: a factor of the inducing block's covariance Q = chol_q chol_q^T (G_ii of a Gram layer, A of
         the output layer).
       mean: optional inducing means mu (M, C).
+      q: Q itself when the caller has it (the inverse path uses it; else `linalg.outer(chol_q)`). Passing the
+        Q that other terms use too makes their derivatives share its one backward product.
 
     Returns:
       (mean_t, cross, var): mean_t = K_ti K_ii^-1 mu of shape (B, C) (None without `mean`), cross = K_ti
@@ -69,7 +75,7 @@ def conditional(
     """
     if factor.inv is not None:
         a = k.ti @ factor.inv
-        cross = a @ (chol_q @ chol_q.T)
+        cross = a @ (linalg.outer(chol_q) if q is None else q)
         schur = jnp.maximum(k.t - jnp.sum(a * k.ti, axis=1), 0.0)
         mean_t = None if mean is None else a @ mean
         return mean_t, cross, schur + jnp.maximum(jnp.sum(a * cross, axis=1), 0.0)
@@ -80,17 +86,19 @@ def conditional(
     return mean_t, qw.T @ chol_q.T, schur + jnp.sum(qw * qw, axis=0)
 
 
-def propagate(k: GramBlocks, factor: linalg.Factor, chol_g: jax.Array) -> GramBlocks:
+def propagate(
+    k: GramBlocks, factor: linalg.Factor, chol_g: jax.Array, g_ii: jax.Array | None = None
+) -> GramBlocks:
     r"""A Gram layer's blocks from the next kernel's blocks and its inducing Gram G_ii = chol_g chol_g^T.
 
     G_ti = K_ti K_ii^-1 G_ii and g_t = k_t - diag(K_ti K_ii^-1 K_it) + diag(K_ti K_ii^-1 G_ii K_ii^-1 K_it)
     (reference notes Sec. 2.3), with `factor` K_ii factorised (`linalg.factorize`). Without points
-    (`k.ti is None`) only G_ii.
+    (`k.ti is None`) only G_ii. `g_ii`: G_ii when the caller has formed it (else `linalg.outer(chol_g)`).
     """
-    g_ii = chol_g @ chol_g.T
+    g_ii = linalg.outer(chol_g) if g_ii is None else g_ii
     if k.ti is None:
         return GramBlocks(g_ii)
-    _, g_ti, g_t = conditional(k, factor, chol_g)
+    _, g_ti, g_t = conditional(k, factor, chol_g, q=g_ii)
     return GramBlocks(g_ii, g_ti, g_t)
 
 

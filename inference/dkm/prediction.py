@@ -45,11 +45,12 @@ def _moments(spec: DKMSpec, params, x_train, y_train, x_test, batch: int):
         factor = linalg.factorize(chain.k_out, jitter)
         level = factor.level
         mean_u, chol_a = _output(params)
+        a = linalg.outer(chol_a)  # once, not per batch
 
         def one(xb):
             blocks = _input(spec, params, z, xb)
             k = point_blocks(spec, params, chain, blocks.ti, blocks.t)
-            mean, _, var = objectives.conditional(k, factor, chol_a, mean_u)
+            mean, _, var = objectives.conditional(k, factor, chol_a, mean_u, q=a)
             return mean, var
 
     else:

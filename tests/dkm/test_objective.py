@@ -115,6 +115,43 @@ def test_factorize_inverse_and_its_derivative_match_the_dense_inverse_and_the_ch
             np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
 
 
+def test_outer_and_a_shared_covariance_have_the_plain_products_derivatives():
+    """`linalg.outer` (one backward product) against autodiff of L @ L.T, in reverse and forward mode; and a
+    covariance formed once and passed as `q` to `conditional` and `kl` gives the gradients of each forming
+    its own."""
+    rng = np.random.default_rng(7)
+    with jax.enable_x64(True):
+        chol = jnp.tril(jnp.asarray(rng.normal(size=(5, 5))))
+        dchol, w = jnp.asarray(rng.normal(size=(5, 5))), jnp.asarray(rng.normal(size=(5, 5)))
+        plain = lambda c: c @ c.T
+        np.testing.assert_allclose(linalg.outer(chol), plain(chol), rtol=1e-14)
+        np.testing.assert_allclose(
+            jax.jvp(linalg.outer, (chol,), (dchol,))[1],
+            jax.jvp(plain, (chol,), (dchol,))[1],
+            rtol=1e-12,
+        )
+        scalar = lambda fn: lambda c: jnp.sum(jnp.sin(fn(c) @ w))
+        np.testing.assert_allclose(
+            jax.grad(scalar(linalg.outer))(chol), jax.grad(scalar(plain))(chol), rtol=1e-12
+        )
+
+        a = rng.normal(size=(5, 5))
+        k = jnp.asarray(a @ a.T / 5 + 0.3 * np.eye(5))
+        blocks = GramBlocks(k, jnp.asarray(rng.normal(size=(3, 5))), jnp.full(3, 20.0))
+        chol_q = jnp.linalg.cholesky(jnp.asarray(a.T @ a / 5 + 0.2 * np.eye(5)))
+
+        def value(k, chol_q, shared):
+            f = linalg.factorize(k, 1e-4, inverse=True)
+            q = linalg.outer(chol_q) if shared else None
+            _, cross, var = objectives.conditional(GramBlocks(k, *blocks[1:]), f, chol_q, q=q)
+            return jnp.sum(jnp.cos(cross)) + jnp.sum(var) + linalg.kl(chol_q, f, q=q)
+
+        shared = jax.grad(value, (0, 1))(k, chol_q, True)
+        separate = jax.grad(value, (0, 1))(k, chol_q, False)
+        for got, want in zip(shared, separate, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-13)
+
+
 def test_nu_infinity_fit_is_the_nngp_exactly():
     x, y = _data()
     params = {"weight_var": 1.0, "bias_var": 0.1}
