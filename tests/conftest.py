@@ -1,10 +1,21 @@
-"""Test-session set-up: 4 simulated CPU devices, set before JAX initialises its backend."""
+"""Test-session set-up: 4 simulated CPU devices and one compilation cache, set before JAX initialises."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["JAX_NUM_CPU_DEVICES"] = "4"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One persistent XLA compilation cache for the session, which the xdist workers and the subprocesses the tests
+# start inherit: a program that several tests (or a test and its subprocess) compile is compiled once. It
+# starts empty and is removed at exit, so a run does not depend on an earlier one.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="theorax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import jax  # noqa: E402
 from absl import flags  # noqa: E402

@@ -101,6 +101,7 @@ def snapshot(directory) -> dict:
 # ----------------------------------------------------------------------------------------- preemption
 
 
+@pytest.mark.slow  # ~30 s; SIGTERM stays fast in the two-process test
 def test_sigterm_saves_the_step_in_flight_and_the_rerun_loses_none(tmp_path):
     workdir = tmp_path / "run"
     proc = command(workdir, "--config.step_seconds=0.05")

@@ -186,6 +186,7 @@ def test_quantum_probability_matches_matrix_exponential():
         np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.slow  # ~40 s of importance sampling
 def test_quantum_reference_is_normalised_and_agrees_with_importance_sampling():
     """The quadrature posterior over logit delta against self-normalised importance sampling from the prior,
     with the likelihood's success probabilities re-estimated from fresh random draws of (t, psi0)."""

@@ -68,6 +68,7 @@ def test_simulated_readings_are_of_the_simulated_states():
     np.testing.assert_allclose(float(jnp.std(resid)), task.bearing_scale, rtol=0.05)
 
 
+@pytest.mark.slow  # ~55 s of compilation
 def test_self_fed_priors_are_the_models_predicted_posteriors():
     """With PriorFeedback the pool holds the filter's initial prior at first and while step < start_step;
     after a step without restarts every entry is the model's posterior for the entry's prior (under the

@@ -100,6 +100,7 @@ def test_outputs_are_valid_gmms_for_ordinary_and_extreme_inputs(gmm_setup):
     _assert_valid_gmm(prior_out, check_eigenvalues=False)
 
 
+@pytest.mark.slow  # ~40 s of compilation; the GMM-prior validity checks stay fast
 def test_outputs_are_valid_for_non_gmm_priors():
     task = dt_tasks.InverseGammaTask.wide()
     model = DistributionTransformer(**task.model_kwargs(2), **SMALL)
@@ -232,6 +233,7 @@ def _expected_kl(task, model, params, n_problems=1000):
     return float(kl.mean()), float(prior_kl.mean())
 
 
+@pytest.mark.slow  # a training run (~75 s here); the learning claim itself
 def test_small_transformer_learns_task_a_posterior():
     """Expected KL(exact || q) over 1000 fresh problems < 0.05 (the prior itself scores about 0.48)."""
     task, model, params = _train_task_a(
