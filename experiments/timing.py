@@ -7,7 +7,13 @@ A timing taken while anything else runs is not a result: PyTorch's OpenMP thread
 shared, which once made a lead look 40x bigger than it was. So every bench starts with `machine(...)`, which
 reads the 1-minute load average and refuses to go on above `LOAD_LIMIT` unless the user says
 `--allow_loaded_machine`; the record it returns (load, CPU, cores, library versions, whether the figures were
-taken under load) goes into the bench's JSON beside its figures.
+taken under load, and `core_rates`) goes into the bench's JSON beside its figures.
+
+On a VM the load average does not see the host: a busy host (or two vCPUs that are one core's hyperthreads)
+slows every core while the load stays near 0, and threaded peers (torch's OpenMP) suffer more than others.
+`core_rates` measures it: the same small single-threaded matmul loop on one core alone and on every core at
+once. The record keeps both rates, and a share below `CORE_SHARE_WARN` is printed as a warning: same-run
+ratios can still be read, but not absolute times, and a threaded peer's numbers are suspect.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import datetime
 import os
 import platform
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
@@ -23,6 +31,23 @@ from importlib import metadata
 import numpy as np
 
 LOAD_LIMIT = 0.5  # 1-minute load average above which a bench refuses to run unless allowed
+CORE_SHARE_WARN = 0.8  # every core at once below this fraction of one core's rate alone: warn
+
+# argv: the CPU to run on, the wall-clock time to start at, the seconds to run. Prints matmuls per second.
+_CORE_PROBE = """
+import os, sys, time
+import numpy as np
+cpu, start, seconds = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+os.sched_setaffinity(0, {cpu})
+a = np.random.default_rng(0).random((200, 200))
+while time.time() < start:
+    time.sleep(0.005)
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < seconds:
+    a @ a
+    n += 1
+print(n / (time.perf_counter() - t0))
+"""
 
 
 class LoadedMachineError(RuntimeError):
@@ -47,12 +72,59 @@ def _version(package: str) -> str | None:
         return None
 
 
-def machine(allow_loaded: bool = False, limit: float = LOAD_LIMIT) -> dict:
+def _probe(cpus: Sequence[int], seconds: float) -> list[float]:
+    """Runs `_CORE_PROBE` on each of `cpus` at once (one process each, started together)."""
+    env = {
+        **os.environ,
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    start = time.time() + 1.0  # after every process has imported numpy
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CORE_PROBE, str(c), str(start), str(seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )  # fmt: skip
+        for c in cpus
+    ]
+    return [float(p.communicate()[0]) for p in procs]
+
+
+def core_rates(seconds: float = 0.5, max_cores: int = 8) -> dict | None:
+    """How much the cores slow each other down now: a 200 x 200 float64 matmul loop (one thread) on the first
+    core alone, then on each of the first `max_cores` cores this process may use, all at once.
+
+    Returns {"cores", "alone_per_s", "together_per_s" (one rate per core), "share": the slowest core's rate
+    together / the rate alone}, or None where CPU affinity is unavailable or there is one core. A quiet
+    machine with a core per vCPU shows a share near 1; a busy host or hyperthread siblings, much less.
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))[:max_cores]
+    if len(cpus) < 2:
+        return None
+    (alone,) = _probe(cpus[:1], seconds)
+    together = _probe(cpus, seconds)
+    return {
+        "cores": cpus,
+        "alone_per_s": alone,
+        "together_per_s": together,
+        "share": min(together) / alone,
+    }
+
+
+def machine(
+    allow_loaded: bool = False, limit: float = LOAD_LIMIT, probe_cores: bool = True
+) -> dict:
     """The record of the machine a benchmark runs on, checked before anything is timed.
 
     Raises `LoadedMachineError` when the 1-minute load average exceeds `limit` and `allow_loaded` is False;
     with `allow_loaded`, the record says `"under_load": True` and every figure beside it must be read as taken
-    under load.
+    under load. With `probe_cores` (~3 s) it also measures `core_rates` and warns when the cores slow each
+    other down (the share below `CORE_SHARE_WARN`).
     """
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     under_load = bool(load > limit)
@@ -62,10 +134,19 @@ def machine(allow_loaded: bool = False, limit: float = LOAD_LIMIT) -> dict:
             "taken now are not results. Stop it and rerun, or pass --allow_loaded_machine to measure anyway "
             "(the JSON then marks every figure as taken under load)"
         )
+    rates = core_rates() if probe_cores else None
+    if rates is not None and rates["share"] < CORE_SHARE_WARN:
+        print(
+            f"warning: with every core busy each runs at {rates['share']:.0%} of one core's rate alone (a busy "
+            "host, or vCPUs that share a core): same-run ratios hold, absolute times and threaded peers' "
+            "figures do not",
+            file=sys.stderr,
+        )
     return {
         "load_1min": load,
         "load_limit": limit,
         "under_load": under_load,
+        "core_rates": rates,
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),

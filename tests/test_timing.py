@@ -1,4 +1,5 @@
-"""The benchmarks' machine record: a busy machine is refused unless allowed, and then marked."""
+"""The benchmarks' machine record: a busy machine is refused unless allowed, and then marked; cores that slow
+each other down are measured and warned about."""
 
 import pytest
 from theorax.experiments import timing
@@ -15,6 +16,28 @@ def test_machine_refuses_a_loaded_machine_unless_allowed(monkeypatch):
     monkeypatch.setattr(timing.os, "getloadavg", lambda: (0.2, 1.0, 0.5))
     record = timing.machine()
     assert not record["under_load"] and record["cpu_count"] >= 1 and record["jax"]
+
+
+def test_core_rates_runs_one_probe_per_core_and_a_low_share_warns(monkeypatch, capsys):
+    import os
+
+    rates = timing.core_rates(seconds=0.1)
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        assert rates is None
+    else:
+        assert rates["cores"] == cpus[:8] and len(rates["together_per_s"]) == len(rates["cores"])
+        assert rates["alone_per_s"] > 0 and min(rates["together_per_s"]) > 0
+        assert rates["share"] == min(rates["together_per_s"]) / rates["alone_per_s"]
+    # Two cores, the second running at half the rate when both are busy: recorded and warned about.
+    monkeypatch.setattr(timing.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(timing.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(timing, "_probe", lambda cpus, s: [100.0, 50.0][: len(cpus)])
+    record = timing.machine()
+    assert record["core_rates"]["share"] == 0.5 and "50% of one core" in capsys.readouterr().err
+    monkeypatch.setattr(timing, "_probe", lambda cpus, s: [100.0, 95.0][: len(cpus)])
+    assert timing.machine()["core_rates"]["share"] == 0.95 and not capsys.readouterr().err
+    assert timing.machine(probe_cores=False)["core_rates"] is None
 
 
 def test_interleaved_times_every_peer_in_alternating_order(monkeypatch):
