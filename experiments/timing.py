@@ -87,7 +87,7 @@ def _probe(cpus: Sequence[int], seconds: float) -> list[float]:
             stdout=subprocess.PIPE,
             text=True,
             env=env,
-        )  # fmt: skip
+        )
         for c in cpus
     ]
     return [float(p.communicate()[0]) for p in procs]
