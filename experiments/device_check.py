@@ -573,7 +573,8 @@ def run_device_check(
     """
     start = time.perf_counter()
     backend = jax.default_backend()
-    record = timing.machine(allow_loaded=allow_loaded or backend != "cpu")
+    cpu = backend == "cpu"  # the CPU cores' contention matters to CPU timings only
+    record = timing.machine(allow_loaded=allow_loaded or not cpu, probe_cores=cpu)
     mesh = runtime.data_mesh()
     torch_device, missing = torch_peer(backend) if torch else (None, "skipped: --notorch")
     modes = ("eager", "compile") if torch_compile else ("eager",)
@@ -791,7 +792,7 @@ def run_gp_hyperprior(
     results = dtx.run(config, workdir)["tasks"]["gp_hyperprior"]
     mesh = runtime.data_mesh()
     report = {
-        "machine": timing.machine(allow_loaded=True),
+        "machine": timing.machine(allow_loaded=True, probe_cores=jax.default_backend() == "cpu"),
         "devices": devices_record(mesh),
         "tiny": tiny,
         "budget_s": budget_s,
