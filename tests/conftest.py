@@ -23,3 +23,19 @@ from absl import flags  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 4)
 # Libraries that read absl flags must not fail under pytest.
 flags.FLAGS.mark_as_parsed()
+
+# The fast tier's programs are small, so compiling them is most of its time, and LLVM's optimisation was about
+# half of that: it compiles with XLA's backend optimisation level 0 (the same HLO passes and fusions, the same
+# library calls for matrix products, unoptimised LLVM code for the loops), which halved the tier's time. The
+# slow and interop tiers, whose training runs are compute-bound, and a level the caller set keep theirs.
+FAST_TIER = "not slow and not interop"
+
+
+def pytest_configure(config):
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    if config.option.markexpr != FAST_TIER or "xla_backend_optimization_level" in flags_now:
+        return
+    from jax._src import xla_bridge
+
+    assert not xla_bridge.backends_are_initialized(), "XLA_FLAGS must be set before JAX starts"
+    os.environ["XLA_FLAGS"] = f"{flags_now} --xla_backend_optimization_level=0".strip()
