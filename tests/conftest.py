@@ -1,4 +1,5 @@
-"""Test-session set-up: 4 simulated CPU devices and one compilation cache, set before JAX initialises."""
+"""Test-session set-up, before JAX initialises: 4 simulated CPU devices, one compilation cache, and the fast
+tier's XLA optimisation level."""
 
 import atexit
 import os
