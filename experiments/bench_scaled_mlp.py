@@ -19,6 +19,15 @@ per measurement, min and median over `--repeats` rounds):
   (the same crops, flips and mixup, on the uint8 batch, inside the timed step), loss and metrics in PyTorch
   (`experiments.torch_peers.TorchTrainStep`).
 
+With `--ablate`, the step is also timed with its parts taken away one at a time, to say where its time goes
+beyond the matmuls without trusting a trace (XLA:CPU runs thunks concurrently and some asynchronously, so
+per-instruction times overlap): `ablate_twin_linear` is a plain-JAX twin of the model on the same parameters
+(`twin_logits`) with no LayerNorm and no GELU (the matrix products, biases and residual additions) trained by
+plain SGD without augmentation; `ablate_twin` puts both back (it then computes the model's logits);
+`ablate_sgd_no_augment` is our step (its input pipeline, loss and metrics) with plain SGD and no augmentation.
+`ablation` then splits the step from the matmul floor up, one part per row (`ABLATION`). Differences of noisy
+times: read them by min, over many rounds (`--repeats=40`).
+
 With `--profile`, the tuned step is also traced (`jax.profiler`, `timing.thunk_profile`) and its time split by
 phase (forward, backward, augmentation, update and metrics) into matrix products (with the epilogues XLA fuses
 into them) and the rest, with the slowest instructions that are not matrix products.
@@ -36,14 +45,24 @@ import os
 import resource
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags
 from theorax.experiments import runtime, timing
 from theorax.experiments import scaled_mlp as scaled_mlp_experiment
+from theorax.inference.scaled_mlp import augment
 from theorax.inference.scaled_mlp import training as recipe_lib
-from theorax.models.scaled_mlp import ScaledMLP, forward_flops, parse_architecture
+from theorax.models import layers
+from theorax.models.scaled_mlp import (
+    LAYERNORM_EPS,
+    ScaledMLP,
+    flatten_chw,
+    forward_flops,
+    parse_architecture,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +78,9 @@ class Settings:
         False  # measure even when the 1-minute load is above timing.LOAD_LIMIT
     )
     profile: bool = False  # also profile the tuned step: where its time goes, by phase
+    ablate: bool = (
+        False  # also time the step with its parts taken away one at a time (see `ablation`)
+    )
 
 
 FLAGS = flags.FLAGS
@@ -82,6 +104,11 @@ def define_flags() -> None:
         "profile",
         defaults.profile,
         "Also profile the tuned step (jax.profiler): its time by phase, matmuls and the rest.",
+    )
+    flags.DEFINE_bool(
+        "ablate",
+        defaults.ablate,
+        "Also time the step with augmentation, Lion, LayerNorm and GELU taken away one at a time.",
     )
 
 
@@ -136,10 +163,15 @@ def _cpu_tuning() -> dict:
 
 
 def recipe_step(
-    model, res: int, augment: bool, key: jax.Array | None = None, compiler_options=None
+    model,
+    res: int,
+    augment: bool,
+    key: jax.Array | None = None,
+    compiler_options=None,
+    optimizer: optax.GradientTransformation | None = None,
 ):
     """The bench's training step: the full recipe (crops, flips, mixup 0.8, label smoothing 0.3, Lion 5e-5), or
-    the same without augmentation. Returns (jitted step, optimizer)."""
+    the same without augmentation, or with another `optimizer`. Returns (jitted step, optimizer)."""
     recipe = recipe_lib.Recipe(
         res=res,
         mean=(0.5,) * 3,
@@ -147,15 +179,20 @@ def recipe_step(
         augment=augment,
         mixup_alpha=0.8 if augment else 0.0,
     )
-    optimizer = recipe_lib.make_optimizer(recipe_lib.OptimizerConfig("lion"), 5e-5)
+    if optimizer is None:
+        optimizer = recipe_lib.make_optimizer(recipe_lib.OptimizerConfig("lion"), 5e-5)
     key = jax.random.key(1) if key is None else key
     tuned = {"compiler_options": compiler_options} if compiler_options else {}
     return recipe_lib.make_train_step(model, optimizer, recipe, key, **tuned), optimizer
 
 
-def jax_step(model, params, images, labels, res: int, augment: bool, compiler_options):
+def jax_step(
+    model, params, images, labels, res: int, augment: bool, compiler_options, optimizer=None
+):
     """A call that runs one step of our jitted train step (state carried from call to call)."""
-    step, optimizer = recipe_step(model, res, augment, compiler_options=compiler_options)
+    step, optimizer = recipe_step(
+        model, res, augment, compiler_options=compiler_options, optimizer=optimizer
+    )
     state = jax.tree.map(jnp.copy, {"params": params, "opt_state": optimizer.init(params)})
     holder = {"state": state, "i": 0}
 
@@ -168,6 +205,81 @@ def jax_step(model, params, images, labels, res: int, augment: bool, compiler_op
         step.lower(holder["state"], images, labels, np.int32(0)).compile().as_text()
     )
     return one
+
+
+def twin_logits(params, x, layernorm: bool = True, gelu: bool = True) -> jax.Array:
+    """The scaled MLP's forward pass written out in plain JAX on its parameters (flax's `LayerNorm`, our
+    `gelu`), `x` the flattened, normalised images, with the LayerNorms and the GELUs each optional. With both it
+    computes the model's logits (tested); without them, what is left is the linear algebra: the matrix
+    products, biases and residual additions."""
+    p = params["params"]
+    h = x @ p["linear_in"]["kernel"] + p["linear_in"]["bias"]
+    i = 0
+    while f"block_{i}_expand" in p:
+        z = h
+        if layernorm:
+            z = nn.LayerNorm(epsilon=LAYERNORM_EPS).apply({"params": p[f"layernorms_{i}"]}, z)
+        z = z @ p[f"block_{i}_expand"]["kernel"] + p[f"block_{i}_expand"]["bias"]
+        if gelu:
+            z = layers.gelu(z)
+        h = h + z @ p[f"block_{i}_collapse"]["kernel"] + p[f"block_{i}_collapse"]["bias"]
+        i += 1
+    return h @ p["linear_out"]["kernel"] + p["linear_out"]["bias"]
+
+
+def twin_step(params, x, labels, layernorm: bool, gelu: bool, compiler_options):
+    """A call that runs one plain-SGD step (lr 5e-5, cross-entropy, no augmentation) of `twin_logits`, jitted
+    with the parameters donated as the recipe's step is, and returns the loss before it."""
+
+    def step(params):
+        loss = lambda q: optax.softmax_cross_entropy_with_integer_labels(
+            twin_logits(q, x, layernorm, gelu), labels
+        ).mean()
+        value, grads = jax.value_and_grad(loss)(params)
+        return jax.tree.map(lambda q, g: q - 5e-5 * g, params, grads), value
+
+    jitted = jax.jit(step, donate_argnums=0, compiler_options=compiler_options or None)
+    holder = {"params": jax.tree.map(jnp.copy, params)}
+
+    def one():
+        holder["params"], value = jitted(holder["params"])
+        return value.block_until_ready()
+
+    return one
+
+
+# (program, what it adds to the program before it): the ablation, from the matmul floor up to the full step.
+ABLATION = (
+    ("matmul_floor", "the step's matrix products alone"),
+    ("ablate_twin_linear", "biases, residual additions, cross-entropy, SGD update"),
+    ("ablate_twin", "LayerNorm and GELU (their passes forward and backward)"),
+    (
+        "ablate_sgd_no_augment",
+        "our step's uint8 normalisation and CHW flatten, label smoothing, accuracy, gradient norm",
+    ),
+    ("theorax_no_augment", "Lion in place of SGD"),
+    ("theorax", "augmentation (crops, flips, mixup)"),
+)
+
+
+def ablation(times: dict) -> list[dict]:
+    """The telescoping split of the step's time: each row of `ABLATION` with its time and what it costs beyond
+    the row before (by min and by median), ending at the full step."""
+    rows, before = [], None
+    for name, adds in ABLATION:
+        t = times[name]
+        rows.append(
+            {
+                "program": name,
+                "adds": adds,
+                "min_s": t["min_s"],
+                "median_s": t["median_s"],
+                "extra_min_s": t["min_s"] - before["min_s"] if before else None,
+                "extra_median_s": t["median_s"] - before["median_s"] if before else None,
+            }
+        )
+        before = t
+    return rows
 
 
 _AUGMENTATION_SCOPES = (
@@ -263,6 +375,16 @@ def benchmark(settings: Settings) -> dict:
             step_matmul_shapes(b, depth, width, expansion, 3 * res * res, num_classes)
         ),
     }
+    if settings.ablate:
+        options = tuning["compiler_options"]
+        x = flatten_chw(augment.normalize(images, (0.5,) * 3, (0.25,) * 3))
+        fns |= {
+            "ablate_twin_linear": twin_step(params, x, labels, False, False, options),
+            "ablate_twin": twin_step(params, x, labels, True, True, options),
+            "ablate_sgd_no_augment": jax_step(
+                model, params, images, labels, res, False, options, optax.sgd(5e-5)
+            ),
+        }
     faults = page_faults_per_call(fns["theorax"])
     torch_info = {}
     if settings.torch:
@@ -302,6 +424,8 @@ def benchmark(settings: Settings) -> dict:
         if f"torch_{mode}" in times:
             peer = times[f"torch_{mode}"]
             result[f"speedup_vs_torch_{mode}"] = {k: peer[k] / full[k] for k in full}
+    if settings.ablate:
+        result["ablation"] = ablation(times)
     if settings.profile:
         result["profile"] = step_profile(fns["theorax"])
     result["targets"] = {
@@ -342,6 +466,9 @@ def table(result: dict) -> list[str]:
         "theorax_no_augment": f"augmentation {100 * result['augmentation_cost_fraction']['median_s']:.1f}"
         "% of the step",
         "matmul_floor": "the step's matmuls alone",
+        "ablate_twin_linear": "plain-JAX twin, no LayerNorm, no GELU, SGD, no augmentation",
+        "ablate_twin": "the twin with LayerNorm and GELU (the model's forward)",
+        "ablate_sgd_no_augment": "our step with plain SGD, no augmentation",
     }
     for mode in ("eager", "compile"):
         if f"speedup_vs_torch_{mode}" in result:
@@ -358,6 +485,19 @@ def table(result: dict) -> list[str]:
         if f"torch_{mode}_error" in result:
             lines.append(f"  torch_{mode} failed: {result[f'torch_{mode}_error']}")
     lines.append(f"  page faults per step: {result['jax_page_faults_per_step']:.0f}")
+    if "ablation" in result:
+        lines.append(
+            "  where the step's time goes beyond its matmuls (each row adds to the one above):"
+        )
+        lines.append(
+            f"    {'program':26s} {'min ms':>8s} {'+ms':>6s} {'median':>8s} {'+ms':>6s}  adds"
+        )
+        for r in result["ablation"]:
+            extra = lambda k, r=r: f"{1e3 * r[k]:+6.1f}" if r[k] is not None else " " * 6
+            lines.append(
+                f"    {r['program']:26s} {1e3 * r['min_s']:8.1f} {extra('extra_min_s')} "
+                f"{1e3 * r['median_s']:8.1f} {extra('extra_median_s')}  {r['adds']}"
+            )
     if "profile" in result:
         p = result["profile"]
         total = sum(v["matmul_ms"] + v["other_ms"] for v in p["phases_ms"].values())
