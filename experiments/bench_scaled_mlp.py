@@ -78,9 +78,7 @@ class Settings:
         False  # measure even when the 1-minute load is above timing.LOAD_LIMIT
     )
     profile: bool = False  # also profile the tuned step: where its time goes, by phase
-    ablate: bool = (
-        False  # also time the step with its parts taken away one at a time (see `ablation`)
-    )
+    ablate: bool = False  # also time the step with its parts taken away (`ablation`)
 
 
 FLAGS = flags.FLAGS
