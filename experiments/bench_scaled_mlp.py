@@ -83,6 +83,10 @@ class Settings:
 
 FLAGS = flags.FLAGS
 
+# The bench's recipe constants, shared by our step, its ablations and their SGD updates.
+LEARNING_RATE = 5e-5
+MEAN, STD = (0.5,) * 3, (0.25,) * 3
+
 
 def define_flags() -> None:
     """The command line's flags; defined only when this module runs as a script."""
@@ -172,13 +176,13 @@ def recipe_step(
     the same without augmentation, or with another `optimizer`. Returns (jitted step, optimizer)."""
     recipe = recipe_lib.Recipe(
         res=res,
-        mean=(0.5,) * 3,
-        std=(0.25,) * 3,
+        mean=MEAN,
+        std=STD,
         augment=augment,
         mixup_alpha=0.8 if augment else 0.0,
     )
     if optimizer is None:
-        optimizer = recipe_lib.make_optimizer(recipe_lib.OptimizerConfig("lion"), 5e-5)
+        optimizer = recipe_lib.make_optimizer(recipe_lib.OptimizerConfig("lion"), LEARNING_RATE)
     key = jax.random.key(1) if key is None else key
     tuned = {"compiler_options": compiler_options} if compiler_options else {}
     return recipe_lib.make_train_step(model, optimizer, recipe, key, **tuned), optimizer
@@ -206,9 +210,9 @@ def jax_step(
 
 
 def twin_logits(params, x, layernorm: bool = True, gelu: bool = True) -> jax.Array:
-    """The scaled MLP's forward pass written out in plain JAX on its parameters (flax's `LayerNorm`, our
-    `gelu`), `x` the flattened, normalised images, with the LayerNorms and the GELUs each optional. With both it
-    computes the model's logits (tested); without them, what is left is the linear algebra: the matrix
+    """The (inverted-bottleneck) scaled MLP's forward pass in plain JAX on its parameters (flax's `LayerNorm`,
+    our `gelu`), `x` the flattened, normalised images, with the LayerNorms and the GELUs each optional. With both
+    it computes the model's logits (tested); without them, what is left is the linear algebra: the matrix
     products, biases and residual additions."""
     p = params["params"]
     h = x @ p["linear_in"]["kernel"] + p["linear_in"]["bias"]
@@ -226,15 +230,15 @@ def twin_logits(params, x, layernorm: bool = True, gelu: bool = True) -> jax.Arr
 
 
 def twin_step(params, x, labels, layernorm: bool, gelu: bool, compiler_options):
-    """A call that runs one plain-SGD step (lr 5e-5, cross-entropy, no augmentation) of `twin_logits`, jitted
-    with the parameters donated as the recipe's step is, and returns the loss before it."""
+    """A call that runs one plain-SGD step (`LEARNING_RATE`, cross-entropy, no augmentation) of `twin_logits`,
+    jitted with the parameters donated as the recipe's step is, and returns the loss before it."""
 
     def step(params):
         loss = lambda q: optax.softmax_cross_entropy_with_integer_labels(
             twin_logits(q, x, layernorm, gelu), labels
         ).mean()
         value, grads = jax.value_and_grad(loss)(params)
-        return jax.tree.map(lambda q, g: q - 5e-5 * g, params, grads), value
+        return jax.tree.map(lambda q, g: q - LEARNING_RATE * g, params, grads), value
 
     jitted = jax.jit(step, donate_argnums=0, compiler_options=compiler_options or None)
     holder = {"params": jax.tree.map(jnp.copy, params)}
@@ -375,12 +379,12 @@ def benchmark(settings: Settings) -> dict:
     }
     if settings.ablate:
         options = tuning["compiler_options"]
-        x = flatten_chw(augment.normalize(images, (0.5,) * 3, (0.25,) * 3))
+        x = flatten_chw(augment.normalize(images, MEAN, STD))
         fns |= {
             "ablate_twin_linear": twin_step(params, x, labels, False, False, options),
             "ablate_twin": twin_step(params, x, labels, True, True, options),
             "ablate_sgd_no_augment": jax_step(
-                model, params, images, labels, res, False, options, optax.sgd(5e-5)
+                model, params, images, labels, res, False, options, optax.sgd(LEARNING_RATE)
             ),
         }
     faults = page_faults_per_call(fns["theorax"])
