@@ -6,7 +6,9 @@ r"""Train-step time of a scaled MLP beside PyTorch (eager and torch.compile) and
 It first records the machine (`timing.machine`: load, CPU, cores, versions) and refuses to run when the 1-minute
 load is above 0.5, unless `--allow_loaded_machine` (then every figure is marked as taken under load). Then,
 all float32, every program warmed up and all of them timed interleaved (A B C ... in alternating order, one step
-per measurement, min and median over `--repeats` rounds):
+per measurement, min and median over `--repeats` rounds; each timed step comes right after `--settle` untimed
+steps of the same program, as in a training loop, since on some VMs the first step after an idle pause runs
+~25% slower: see `timing.interleaved`):
 
 * `theorax`: our jitted train step with the full recipe (random-resized crops, flips, mixup 0.8, label
   smoothing, Lion, the loss / accuracy / gradient-norm metrics), compiled with the experiment's CPU options
@@ -73,6 +75,7 @@ class Settings:
     res: int = 32  # image resolution (3 channels)
     batch: int = 256
     repeats: int = 20  # interleaved rounds; min and median over them
+    settle: int = 1  # untimed steps right before each timed one (`timing.interleaved`): training's steady state
     torch: bool = True  # also time the PyTorch peers
     allow_loaded_machine: bool = (
         False  # measure even when the 1-minute load is above timing.LOAD_LIMIT
@@ -96,6 +99,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("res", defaults.res, "Image resolution (3 channels).")
     flags.DEFINE_integer("batch", defaults.batch, "Batch size.")
     flags.DEFINE_integer("repeats", defaults.repeats, "Interleaved rounds (one step each).")
+    flags.DEFINE_integer(
+        "settle",
+        defaults.settle,
+        "Untimed steps of the same program right before each timed one (0: time the first step after the "
+        "pause).",
+    )
     flags.DEFINE_bool("torch", defaults.torch, "Also time the PyTorch peers.")
     flags.DEFINE_bool(
         "allow_loaded_machine",
@@ -394,7 +403,7 @@ def benchmark(settings: Settings) -> dict:
             depth, width, expansion, num_classes, res, images_np, labels_np
         )
         fns |= torch_fns
-    times = timing.interleaved(fns, settings.repeats)
+    times = timing.interleaved(fns, settings.repeats, settings.settle)
     full, floor = times["theorax"], times["matmul_floor"]
     machine_rate = max(peak.values())
     result = {
@@ -404,6 +413,7 @@ def benchmark(settings: Settings) -> dict:
         "res": res,
         "batch": b,
         "repeats": settings.repeats,
+        "settle": settings.settle,
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "compiler_options": tuning["compiler_options"],
@@ -449,7 +459,8 @@ def table(result: dict) -> list[str]:
     flops = result["train_flops_per_step"]
     lines = [
         f"{result['model']} train step, {result['res']}x{result['res']}x3, batch {b}, float32, "
-        f"{result['backend']}, {result['repeats']} interleaved rounds:"
+        f"{result['backend']}, {result['repeats']} interleaved rounds, each timed step after "
+        f"{result.get('settle', 0)} untimed:"
     ]
     if result["under_load"]:
         lines.append(

@@ -184,12 +184,16 @@ def time_calls(fn: Callable[[], object], repeats: int, calls: int = 1) -> dict[s
 
 
 def interleaved(
-    fns: Mapping[str, Callable[[], object]], repeats: int
+    fns: Mapping[str, Callable[[], object]], repeats: int, settle: int = 0
 ) -> dict[str, dict[str, float]]:
     """`time_calls` for several peers, timed in turn within every repeat and in alternating order.
 
     Load from other processes then hits them alike, and the pause before each call lets the previous library's
     idle worker threads (torch's OpenMP pool spins for a while after a call) stop before the next one starts.
+    With `settle`, each timed call comes right after that many untimed calls of the same peer (after the
+    pause): the steady state of a loop that runs its calls back to back, as training steps do. It matters on
+    some VMs: on the Zen 5 VM (2026-12-04) the scaled-MLP train step's first call after an idle pause of
+    0.1-1 s took 15-25 ms (~25%) longer than the calls after it, while its matmuls alone did not slow.
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
@@ -198,6 +202,8 @@ def interleaved(
     for r in range(repeats):
         for k in order if r % 2 == 0 else order[::-1]:
             time.sleep(0.3)
+            for _ in range(settle):
+                fns[k]()
             start = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - start)

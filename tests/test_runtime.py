@@ -258,11 +258,13 @@ def test_tune_process_reexecs_once_with_the_tunable_and_one_openblas_thread():
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
 
-    tunable = runtime.HUGE_PAGES_TUNABLE
+    tunable = runtime.MALLOC_TUNABLES
     assert run() == f"['a b'] '{tunable}' 1"
-    assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == (
-        f"['a b'] 'glibc.malloc.arena_max=2:{tunable}' 1"
+    assert run(GLIBC_TUNABLES="glibc.pthread.rseq=0") == (
+        f"['a b'] 'glibc.pthread.rseq=0:{tunable}' 1"
     )
+    # a malloc tuning of the user's own is kept as it is
+    assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == "['a b'] 'glibc.malloc.arena_max=2' 1"
     assert run(THEORAX_SYSTEM_MALLOC="1") == "['a b'] '' 1"
     assert run(OPENBLAS_NUM_THREADS="2") == f"['a b'] '{tunable}' 2"  # the user's value is kept
     assert (

@@ -46,6 +46,22 @@ def test_interleaved_times_every_peer_in_alternating_order(monkeypatch):
     out = timing.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B, B A, A B
     assert set(out) == {"a", "b"} and all(v["min_s"] <= v["median_s"] for v in out.values())
+    calls.clear()
+    timing.interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2, settle=1
+    )
+    assert calls == [
+        "a",
+        "b",
+        "a",
+        "a",
+        "b",
+        "b",
+        "b",
+        "b",
+        "a",
+        "a",
+    ]  # each timed call after one untimed
 
 
 def test_thunk_profile_names_the_matmuls_and_the_rest():

@@ -49,7 +49,7 @@ from theorax.experiments.runtime.checkpoint import (
 from theorax.experiments.runtime.entry import (
     EXIT_ERROR,
     EXIT_PREEMPTED,
-    HUGE_PAGES_TUNABLE,
+    MALLOC_TUNABLES,
     cpu_compiler_options,
     exit_status_on_errors,
     main,
@@ -141,7 +141,7 @@ __all__ = [
     "train",
     "EXIT_ERROR",
     "EXIT_PREEMPTED",
-    "HUGE_PAGES_TUNABLE",
+    "MALLOC_TUNABLES",
     "cpu_compiler_options",
     "exit_status_on_errors",
     "main",

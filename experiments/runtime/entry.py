@@ -22,7 +22,12 @@ EXIT_ERROR = 2
 EXIT_PREEMPTED = 75
 
 
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+# glibc malloc for XLA's per-call temporaries (see `tune_process`): transparent huge pages, and freed memory kept in
+# the process (one arena, no mmap'd chunks, no trimming) so that the next call reuses it without page faults.
+MALLOC_TUNABLES = (
+    "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+    "glibc.malloc.trim_threshold=1099511627776"
+)
 
 
 def cpu_compiler_options(options: Mapping[str, Any]) -> dict | None:
@@ -44,11 +49,17 @@ def cpu_compiler_options(options: Mapping[str, Any]) -> dict | None:
 def tune_process() -> None:
     """Re-executes this process once (same pid, same command line) with what two libraries read when they load.
 
-    * `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`. XLA's CPU runtime frees and reallocates its large temporaries on
-      every call; glibc serves those from fresh `mmap`s, so each step page-faults all of them again in 4 KiB
-      pages. On the B-6/Wi-512 training step that was 24,600 faults and ~60 ms of kernel time per 170 ms step;
-      with malloc advising transparent huge pages it is ~480 faults and the step took ~25% less
-      (`experiments/bench_scaled_mlp.py` records the faults per step). `THEORAX_SYSTEM_MALLOC=1` opts out.
+    * `GLIBC_TUNABLES=MALLOC_TUNABLES`. XLA's CPU runtime allocates its temporaries for every call (one block of
+      60 MB per B-6/Wi-512 training step) and frees them after it. glibc serves a block that large from a fresh
+      `mmap` and unmaps it on free, so every step page-faulted all of it again: 24,600 faults and ~60 ms of
+      kernel time per 170 ms step in 4 KiB pages (Xeon VM), ~480 faults and 13.7 ms of kernel time per ~70 ms
+      step with transparent huge pages (`glibc.malloc.hugetlb=1`; Zen 5 VM). On a VM whose freed memory goes
+      back to the host (virtio-balloon free-page reporting), a fresh page can cost far more: a jitted
+      `a * 0.5 + b` over 64 MB arrays took 7-9 ms with outliers of 30-100 ms one call in five. So malloc also
+      keeps what is freed (one arena, `mmap_max=0`, a 1 TiB trim threshold): the next call reuses the same
+      memory with no fault at all, and the same `a * 0.5 + b` took 5-8 ms with no outlier; the training step's
+      median fell by ~5 ms (three paired runs, 2026-12-04, Zen 5 VM). The price: the process's heap does not
+      shrink below its peak. `THEORAX_SYSTEM_MALLOC=1` opts out.
     * `OPENBLAS_NUM_THREADS=1`. XLA:CPU runs its LAPACK calls (Cholesky factors, triangular solves,
       eigendecompositions: scipy's OpenBLAS) on its own worker threads, which already keep every core busy;
       OpenBLAS's threads on top of them oversubscribe the cores. The sparse-DKM epoch of `bench_dkm` (N = 8,000,
@@ -59,7 +70,8 @@ def tune_process() -> None:
       3.87 s against 91.4 ms / 3.10 s with two threads.
 
     Both must be set before the process starts, hence the re-exec; call this first thing in `__main__`. A value
-    the environment already has is kept (the Makefile exports both), and off glibc Linux only OpenBLAS's is set.
+    the environment already has is kept (any `glibc.malloc` tunable of its own keeps all of ours out; the Makefile
+    exports both), and off glibc Linux only OpenBLAS's is set.
     """
     import platform
 
@@ -68,10 +80,10 @@ def tune_process() -> None:
     if (
         sys.platform == "linux"
         and platform.libc_ver()[0] == "glibc"
-        and "glibc.malloc.hugetlb" not in tunables
+        and "glibc.malloc" not in tunables
         and not env.get("THEORAX_SYSTEM_MALLOC")
     ):
-        env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, HUGE_PAGES_TUNABLE]))
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, MALLOC_TUNABLES]))
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     if env != dict(os.environ):
         os.execve(sys.executable, sys.orig_argv, env)
