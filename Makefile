@@ -4,9 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev
-# Large XLA buffers on transparent huge pages and reused from call to call, and OpenBLAS on one thread under XLA's own worker threads (see
+# Large XLA buffers on transparent huge pages, and OpenBLAS on one thread under XLA's own worker threads (see
 # experiments/runtime/entry.py: tune_process).
-export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: demo test test-slow test-interop bench lint format clean device-wheels

@@ -535,6 +535,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    runtime.tune_process()
+    runtime.tune_process(reuse_memory=True)
     define_flags()
     app.run(main)

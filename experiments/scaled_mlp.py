@@ -505,4 +505,4 @@ def summarize_sweep(rows: list[dict], workdir: str) -> None:
 
 
 if __name__ == "__main__":
-    runtime.main(run)
+    runtime.main(run, reuse_memory=True)

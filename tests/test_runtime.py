@@ -242,31 +242,40 @@ def test_finetune_from_own_checkpoint_with_new_head_and_tta(tmp_path):
 @pytest.mark.skipif(
     sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc", reason="glibc only"
 )
-def test_tune_process_reexecs_once_with_the_tunable_and_one_openblas_thread():
+def test_tune_process_reexecs_once_with_the_tunables_and_one_openblas_thread():
     script = (
-        "import os, sys; from theorax.experiments import runtime; runtime.tune_process(); "
-        "print(repr(sys.argv[1:]), repr(os.environ.get('GLIBC_TUNABLES', '')), "
+        "import os, sys; from theorax.experiments import runtime; "
+        "runtime.tune_process(reuse_memory=sys.argv[2] == 'reuse'); "
+        "print(repr(sys.argv[1:2]), repr(os.environ.get('GLIBC_TUNABLES', '')), "
         "os.environ.get('OPENBLAS_NUM_THREADS'))"
     )
 
-    def run(**env):
+    def run(reuse="", **env):
         unset = ("GLIBC_TUNABLES", "THEORAX_SYSTEM_MALLOC", "OPENBLAS_NUM_THREADS")
         base = {k: v for k, v in os.environ.items() if k not in unset}
         out = subprocess.run(
-            [sys.executable, "-c", script, "a b"], env=base | env, capture_output=True, text=True
+            [sys.executable, "-c", script, "a b", reuse],
+            env=base | env,
+            capture_output=True,
+            text=True,
         )
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
 
-    tunable = runtime.MALLOC_TUNABLES
+    tunable = runtime.HUGE_PAGES_TUNABLE
+    reuse = ":".join(runtime.MEMORY_REUSE_TUNABLES)
     assert run() == f"['a b'] '{tunable}' 1"
-    assert run(GLIBC_TUNABLES="glibc.pthread.rseq=0") == (
-        f"['a b'] 'glibc.pthread.rseq=0:{tunable}' 1"
+    assert run("reuse") == f"['a b'] '{tunable}:{reuse}' 1"
+    assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == (
+        f"['a b'] 'glibc.malloc.arena_max=2:{tunable}' 1"
     )
-    # a malloc tuning of the user's own is kept as it is
-    assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == "['a b'] 'glibc.malloc.arena_max=2' 1"
+    # the user's own value of one of ours is kept, the others added
+    others = ":".join(runtime.MEMORY_REUSE_TUNABLES[1:])
+    assert run("reuse", GLIBC_TUNABLES="glibc.malloc.arena_max=2") == (
+        f"['a b'] 'glibc.malloc.arena_max=2:{tunable}:{others}' 1"
+    )
+    assert run(GLIBC_TUNABLES=tunable) == f"['a b'] '{tunable}' 1"  # the Makefile's value
+    assert run("reuse", GLIBC_TUNABLES=tunable) == f"['a b'] '{tunable}:{reuse}' 1"
     assert run(THEORAX_SYSTEM_MALLOC="1") == "['a b'] '' 1"
+    assert run("reuse", THEORAX_SYSTEM_MALLOC="1") == "['a b'] '' 1"
     assert run(OPENBLAS_NUM_THREADS="2") == f"['a b'] '{tunable}' 2"  # the user's value is kept
-    assert (
-        run(GLIBC_TUNABLES=tunable, OPENBLAS_NUM_THREADS="1") == f"['a b'] '{tunable}' 1"
-    )  # no re-exec

@@ -32,7 +32,8 @@ What this package gives such a `run` (one module per part, every name re-exporte
   config values), `NonFiniteError`, `WorkdirError` (a workdir held by another run, no checkpoint that loads, a
   failed write). `Preempted` exits with status 75 (`EXIT_PREEMPTED`): rerunning the same command continues.
 * `tune_process()`: every entry point re-executes itself once with glibc's malloc backing its large buffers by
-  transparent huge pages (`THEORAX_SYSTEM_MALLOC=1` opts out) and OpenBLAS on one thread (XLA's worker threads
+  transparent huge pages (and, for the scaled-MLP entry points, keeping freed memory for the next call;
+  `THEORAX_SYSTEM_MALLOC=1` opts out) and OpenBLAS on one thread (XLA's worker threads
   make its LAPACK calls), unless the environment already says otherwise (see its docstring).
 
 Faults, and what survives them (README, "Running experiments", has the table): a SIGKILL loses the steps since the
@@ -49,7 +50,8 @@ from theorax.experiments.runtime.checkpoint import (
 from theorax.experiments.runtime.entry import (
     EXIT_ERROR,
     EXIT_PREEMPTED,
-    MALLOC_TUNABLES,
+    HUGE_PAGES_TUNABLE,
+    MEMORY_REUSE_TUNABLES,
     cpu_compiler_options,
     exit_status_on_errors,
     main,
@@ -141,7 +143,8 @@ __all__ = [
     "train",
     "EXIT_ERROR",
     "EXIT_PREEMPTED",
-    "MALLOC_TUNABLES",
+    "HUGE_PAGES_TUNABLE",
+    "MEMORY_REUSE_TUNABLES",
     "cpu_compiler_options",
     "exit_status_on_errors",
     "main",

@@ -22,11 +22,12 @@ EXIT_ERROR = 2
 EXIT_PREEMPTED = 75
 
 
-# glibc malloc for XLA's per-call temporaries (see `tune_process`): transparent huge pages, and freed memory kept in
-# the process (one arena, no mmap'd chunks, no trimming) so that the next call reuses it without page faults.
-MALLOC_TUNABLES = (
-    "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-    "glibc.malloc.trim_threshold=1099511627776"
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+# glibc malloc keeping what XLA frees for the next call (see `tune_process`): one arena, no mmap'd chunks, no trimming.
+MEMORY_REUSE_TUNABLES = (
+    "glibc.malloc.arena_max=1",
+    "glibc.malloc.mmap_max=0",
+    "glibc.malloc.trim_threshold=1099511627776",
 )
 
 
@@ -46,20 +47,23 @@ def cpu_compiler_options(options: Mapping[str, Any]) -> dict | None:
     return dict(options)
 
 
-def tune_process() -> None:
+def tune_process(reuse_memory: bool = False) -> None:
     """Re-executes this process once (same pid, same command line) with what two libraries read when they load.
 
-    * `GLIBC_TUNABLES=MALLOC_TUNABLES`. XLA's CPU runtime allocates its temporaries for every call (one block of
-      60 MB per B-6/Wi-512 training step) and frees them after it. glibc serves a block that large from a fresh
-      `mmap` and unmaps it on free, so every step page-faulted all of it again: 24,600 faults and ~60 ms of
-      kernel time per 170 ms step in 4 KiB pages (Xeon VM), ~480 faults and 13.7 ms of kernel time per ~70 ms
-      step with transparent huge pages (`glibc.malloc.hugetlb=1`; Zen 5 VM). On a VM whose freed memory goes
-      back to the host (virtio-balloon free-page reporting), a fresh page can cost far more: a jitted
-      `a * 0.5 + b` over 64 MB arrays took 7-9 ms with outliers of 30-100 ms one call in five. So malloc also
-      keeps what is freed (one arena, `mmap_max=0`, a 1 TiB trim threshold): the next call reuses the same
-      memory with no fault at all, and the same `a * 0.5 + b` took 5-8 ms with no outlier; the training step's
-      median fell by ~5 ms (three paired runs, 2026-12-04, Zen 5 VM). The price: the process's heap does not
-      shrink below its peak. `THEORAX_SYSTEM_MALLOC=1` opts out.
+    * `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`. XLA's CPU runtime allocates its temporaries for every call (one
+      block of 60 MB per B-6/Wi-512 training step) and frees them after it; glibc serves a block that large from
+      a fresh `mmap`, so each step page-faulted all of it again in 4 KiB pages: 24,600 faults and ~60 ms of
+      kernel time per 170 ms step (Xeon VM). With malloc advising transparent huge pages it is ~480 faults, the
+      step took ~25% less, and on the Zen 5 VM 13.7 ms of kernel time per ~70 ms step remained.
+      With `reuse_memory`, also `MEMORY_REUSE_TUNABLES`: malloc keeps what is freed (one arena, no mmap'd chunks,
+      a 1 TiB trim threshold), so the next call reuses the same memory with no fault at all (0 faults, 0.8 ms of
+      kernel time per step). It matters most on a VM whose freed memory goes back to the host (virtio-balloon
+      free-page reporting), where touching a fresh page costs far more: a jitted `a * 0.5 + b` over 64 MB arrays
+      took 7-9 ms with outliers of 30-100 ms one call in five, and 5-8 ms with no outlier with reuse; the
+      scaled-MLP step's median fell by ~5 ms (three paired runs, 2026-12-04, Zen 5 VM). The price: the heap
+      never shrinks below its peak, and the one arena's lock made the sparse-DKM epoch (many small allocations
+      from XLA's threads) ~10% slower, so only the scaled-MLP entry points ask for it.
+      `THEORAX_SYSTEM_MALLOC=1` opts out of both.
     * `OPENBLAS_NUM_THREADS=1`. XLA:CPU runs its LAPACK calls (Cholesky factors, triangular solves,
       eigendecompositions: scipy's OpenBLAS) on its own worker threads, which already keep every core busy;
       OpenBLAS's threads on top of them oversubscribe the cores. The sparse-DKM epoch of `bench_dkm` (N = 8,000,
@@ -70,20 +74,23 @@ def tune_process() -> None:
       3.87 s against 91.4 ms / 3.10 s with two threads.
 
     Both must be set before the process starts, hence the re-exec; call this first thing in `__main__`. A value
-    the environment already has is kept (any `glibc.malloc` tunable of its own keeps all of ours out; the Makefile
+    the environment already has is kept (each of our tunables that it does not name is added; the Makefile
     exports both), and off glibc Linux only OpenBLAS's is set.
     """
     import platform
 
     env = dict(os.environ)
     tunables = env.get("GLIBC_TUNABLES", "")
+    named = {t.split("=")[0] for t in tunables.split(":")}
+    ours = [HUGE_PAGES_TUNABLE, *(MEMORY_REUSE_TUNABLES if reuse_memory else ())]
+    missing = [t for t in ours if t.split("=")[0] not in named]
     if (
         sys.platform == "linux"
         and platform.libc_ver()[0] == "glibc"
-        and "glibc.malloc" not in tunables
+        and missing
         and not env.get("THEORAX_SYSTEM_MALLOC")
     ):
-        env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, MALLOC_TUNABLES]))
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [tunables, *missing]))
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     if env != dict(os.environ):
         os.execve(sys.executable, sys.orig_argv, env)
@@ -122,15 +129,16 @@ def exit_status_on_errors():
         sys.exit(EXIT_PREEMPTED)
 
 
-def main(run: Callable[[Any, str], Mapping[str, Any]]) -> None:
+def main(run: Callable[[Any, str], Mapping[str, Any]], reuse_memory: bool = False) -> None:
     """The absl entry point of `experiments/<system>.py`: flags, multi-host start-up, clear errors.
 
     Exit status: 0 when the run finished; 2 (`EXIT_ERROR`) with one `error: ...` line on a bad command line or
     config, a config that differs from the workdir's, a non-finite loss, a workdir held by another run, no
     checkpoint that loads or a failed write; 75 (`EXIT_PREEMPTED`) with one line when SIGTERM or SIGINT stopped
     it, after saving a checkpoint when it came during training: rerunning the same command continues.
+    `reuse_memory`: `tune_process`'s.
     """
-    tune_process()
+    tune_process(reuse_memory)
     from absl import app, flags, logging
     from ml_collections import config_flags
 
