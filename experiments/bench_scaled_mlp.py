@@ -17,6 +17,10 @@ steps of the same program, as in a training loop, since on some VMs the first st
 * `theorax_no_augment`: the tuned step without crops, flips and mixup, to price the augmentation;
 * `matmul_floor`: the step's matrix products alone (forward, input gradients, weight gradients; each in its
   best layout) in one jit: no implementation of this model can take less;
+* `update_floor`: the recipe's optimiser update (Lion) of the model's parameters alone, on fixed gradients, the
+  parameters and momenta donated as in the step: memory-bound (every parameter, momentum and gradient read, the
+  first two written), so this floor is set by the memory's bandwidth, not its arithmetic. A step that ran its
+  matmuls and its update one after the other could take no less than the two floors' sum;
 * `torch_eager`, `torch_compile`: the same model (the official module layout), optimiser (Lion), augmentation
   (the same crops, flips and mixup, on the uint8 batch, inside the timed step), loss and metrics in PyTorch
   (`experiments.torch_peers.TorchTrainStep`).
@@ -218,6 +222,33 @@ def jax_step(
     return one
 
 
+def update_alone(
+    params, optimizer: optax.GradientTransformation, grads=None, compiler_options=None
+):
+    """A call that runs `optimizer`'s update of `params` alone in one jit, on fixed gradients (`grads`, random by
+    default), the parameters and optimiser state donated and carried from call to call as the recipe's step
+    does; it returns them."""
+    if grads is None:
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.key(2), len(leaves))
+        grads = treedef.unflatten(
+            [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+        )
+
+    def apply(params, state, grads):
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    jitted = jax.jit(apply, donate_argnums=(0, 1), compiler_options=compiler_options or None)
+    holder = {"state": (jax.tree.map(jnp.copy, params), optimizer.init(params))}
+
+    def one():
+        holder["state"] = jitted(*holder["state"], grads)
+        return jax.block_until_ready(holder["state"])
+
+    return one
+
+
 def twin_logits(params, x, layernorm: bool = True, gelu: bool = True) -> jax.Array:
     """The (inverted-bottleneck) scaled MLP's forward pass in plain JAX on its parameters (flax's `LayerNorm`,
     our `gelu`), `x` the flattened, normalised images, with the LayerNorms and the GELUs each optional. With both
@@ -385,6 +416,11 @@ def benchmark(settings: Settings) -> dict:
         "matmul_floor": timing.matmuls_alone(
             step_matmul_shapes(b, depth, width, expansion, 3 * res * res, num_classes)
         ),
+        "update_floor": update_alone(
+            params,
+            recipe_lib.make_optimizer(recipe_lib.OptimizerConfig("lion"), LEARNING_RATE),
+            compiler_options=tuning["compiler_options"],
+        ),
     }
     if settings.ablate:
         options = tuning["compiler_options"]
@@ -423,6 +459,9 @@ def benchmark(settings: Settings) -> dict:
         "jax_page_faults_per_step": faults,
         "times_s": times,
         "step_over_matmul_floor": {k: full[k] / floor[k] for k in full},
+        "step_over_matmul_and_update_floors": {
+            k: full[k] / (floor[k] + times["update_floor"][k]) for k in full
+        },
         "augmentation_cost_fraction": {
             k: 1 - times["theorax_no_augment"][k] / full[k] for k in full
         },
@@ -479,6 +518,8 @@ def table(result: dict) -> list[str]:
         "theorax_no_augment": f"augmentation {100 * result['augmentation_cost_fraction']['median_s']:.1f}"
         "% of the step",
         "matmul_floor": "the step's matmuls alone",
+        "update_floor": f"its Lion update alone; the step is "
+        f"{result['step_over_matmul_and_update_floors']['median_s']:.2f}x the two floors' sum (median)",
         "ablate_twin_linear": "plain-JAX twin, no LayerNorm, no GELU, SGD, no augmentation",
         "ablate_twin": "the twin with LayerNorm and GELU (the model's forward)",
         "ablate_sgd_no_augment": "our step with plain SGD, no augmentation",

@@ -1,8 +1,10 @@
-"""The scaled-MLP bench's ablation: its plain-JAX twin is the model, and the split telescopes to the step."""
+"""The scaled-MLP bench's ablation and floors: its plain-JAX twin is the model, the split telescopes to the step,
+and the update floor is the optimiser's update."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from theorax.experiments import bench_scaled_mlp
 from theorax.inference.scaled_mlp import augment
 from theorax.models.scaled_mlp import ScaledMLP, flatten_chw
@@ -51,3 +53,25 @@ def test_ablation_telescopes_from_the_floor_to_the_step():
     assert rows[0]["extra_min_s"] is None
     total = sum(r["extra_median_s"] for r in rows[1:])
     assert np.isclose(rows[0]["median_s"] + total, times["theorax"]["median_s"])
+
+
+def test_update_alone_is_the_optimisers_update_carried_from_call_to_call():
+    _, params, _ = _model_and_images()
+    opt = optax.lion(1e-2)
+    grads = jax.tree.map(
+        lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape), params
+    )
+    one = bench_scaled_mlp.update_alone(params, opt, grads)
+    got = [
+        jax.tree.map(np.asarray, one()[0]) for _ in range(2)
+    ]  # copies: the next call donates them
+    state, expected = opt.init(params), params
+    for g in got:
+        updates, state = opt.update(grads, state, expected)
+        expected = optax.apply_updates(expected, updates)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), g, expected
+        )
+    assert not np.allclose(
+        got[1]["params"]["linear_in"]["kernel"], params["params"]["linear_in"]["kernel"]
+    )
