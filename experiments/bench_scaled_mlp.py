@@ -95,6 +95,11 @@ LEARNING_RATE = 5e-5
 MEAN, STD = (0.5,) * 3, (0.25,) * 3
 
 
+def lion() -> optax.GradientTransformation:
+    """The recipe's optimiser as the bench runs it (Lion at `LEARNING_RATE`): our step's and the update floor's."""
+    return recipe_lib.make_optimizer(recipe_lib.OptimizerConfig("lion"), LEARNING_RATE)
+
+
 def define_flags() -> None:
     """The command line's flags; defined only when this module runs as a script."""
     defaults = Settings()
@@ -195,7 +200,7 @@ def recipe_step(
         mixup_alpha=0.8 if augment else 0.0,
     )
     if optimizer is None:
-        optimizer = recipe_lib.make_optimizer(recipe_lib.OptimizerConfig("lion"), LEARNING_RATE)
+        optimizer = lion()
     key = jax.random.key(1) if key is None else key
     tuned = {"compiler_options": compiler_options} if compiler_options else {}
     return recipe_lib.make_train_step(model, optimizer, recipe, key, **tuned), optimizer
@@ -416,11 +421,7 @@ def benchmark(settings: Settings) -> dict:
         "matmul_floor": timing.matmuls_alone(
             step_matmul_shapes(b, depth, width, expansion, 3 * res * res, num_classes)
         ),
-        "update_floor": update_alone(
-            params,
-            recipe_lib.make_optimizer(recipe_lib.OptimizerConfig("lion"), LEARNING_RATE),
-            compiler_options=tuning["compiler_options"],
-        ),
+        "update_floor": update_alone(params, lion(), compiler_options=tuning["compiler_options"]),
     }
     if settings.ablate:
         options = tuning["compiler_options"]

@@ -279,3 +279,6 @@ def test_tune_process_reexecs_once_with_the_tunables_and_one_openblas_thread():
     assert run(THEORAX_SYSTEM_MALLOC="1") == "['a b'] '' 1"
     assert run("reuse", THEORAX_SYSTEM_MALLOC="1") == "['a b'] '' 1"
     assert run(OPENBLAS_NUM_THREADS="2") == f"['a b'] '{tunable}' 2"  # the user's value is kept
+    assert (
+        run(GLIBC_TUNABLES=tunable, OPENBLAS_NUM_THREADS="1") == f"['a b'] '{tunable}' 1"
+    )  # no re-exec
