@@ -59,10 +59,11 @@ def tune_process(reuse_memory: bool = False) -> None:
       a 1 TiB trim threshold), so the next call reuses the same memory with no fault at all (0 faults, 0.8 ms of
       kernel time per step). It matters most on a VM whose freed memory goes back to the host (virtio-balloon
       free-page reporting), where touching a fresh page costs far more: a jitted `a * 0.5 + b` over 64 MB arrays
-      took 7-9 ms with outliers of 30-100 ms one call in five, and 5-8 ms with no outlier with reuse; the
-      scaled-MLP step's median fell by ~5 ms (three paired runs, 2026-12-04, Zen 5 VM). The price: the heap
-      never shrinks below its peak, and the one arena's lock made the sparse-DKM epoch (many small allocations
-      from XLA's threads) ~10% slower, so only the scaled-MLP entry points ask for it.
+      took 6.4-14 ms (median ~9) with outliers of 28-76 ms about one call in three, and 4.6-5.9 ms with reuse once
+      its first two calls had grown the heap; in three paired runs the scaled-MLP step's median over its matmul
+      floor's went from 1.41 / 1.53 / 1.41x to 1.28 / 1.25 / 1.38x (2026-12-04, Zen 5 VM, loads 0.21-0.24).
+      The price: the heap never shrinks below its peak, and the one arena's lock made the sparse-DKM epoch (many
+      small allocations from XLA's threads) ~10% slower, so only the scaled-MLP entry points ask for it.
       `THEORAX_SYSTEM_MALLOC=1` opts out of both.
     * `OPENBLAS_NUM_THREADS=1`. XLA:CPU runs its LAPACK calls (Cholesky factors, triangular solves,
       eigendecompositions: scipy's OpenBLAS) on its own worker threads, which already keep every core busy;
