@@ -352,6 +352,30 @@ def test_disk_full_at_commit_names_the_space_needed_and_leaves_no_partial_checkp
     np.testing.assert_array_equal(restored["w"], runtime_job.weights_after(c, 10))
 
 
+def test_a_partial_checkpoint_recreated_by_a_late_write_is_removed_again(tmp_path):
+    # A failed save's other writers keep going: one recreates the temporary directory just after it is removed
+    # (the CI failure of 2026-12-06, where '20.orbax-checkpoint-tmp' outlived the error).
+    ckpt = runtime.Checkpointer(str(tmp_path / "checkpoints"), 5)
+    partial = tmp_path / "checkpoints" / "15.orbax-checkpoint-tmp" / "ocdbt.process_0" / "d"
+    partial.mkdir(parents=True)
+    recreated = threading.Event()
+
+    def late_writer():
+        while partial.exists():
+            time.sleep(0.001)
+        partial.mkdir(parents=True)
+        (partial / "chunk").write_bytes(b"x" * 100)
+        recreated.set()
+
+    writer = threading.Thread(target=late_writer)
+    writer.start()
+    ckpt._remove_partial(15, quiet_s=2.0)
+    writer.join()
+    assert recreated.is_set()
+    assert os.listdir(tmp_path / "checkpoints") == []
+    ckpt.close()
+
+
 # ------------------------------------------------------------------------------------------ the lock
 
 

@@ -199,21 +199,24 @@ class Checkpointer:
                 f"only once it is committed), and {_free_space(self.directory)} are free there. {kept}"
             ) from e
 
-    def _remove_partial(self, step: int) -> None:
+    def _remove_partial(self, step: int, quiet_s: float = 0.5, limit_s: float = 10.0) -> None:
         """Deletes what a failed save of `step` left (orbax's temporary directory), freeing its space.
 
-        orbax's other writer threads can still be adding files to it when the first one's error reaches us, so
-        the removal is retried until the directory is gone (for at most about 2 s)."""
+        When the first write fails, orbax's and TensorStore's other writes are still running, and a late one
+        recreates the directory it writes into. So the directory is removed again whenever it reappears, until
+        it has stayed absent for `quiet_s` seconds (for at most `limit_s`; a fresh manager deletes any debris
+        left after that when the workdir is next opened, as `cleanup_tmp_directories` asks)."""
         if not is_main_process() or not os.path.isdir(self.directory):
             return
-        for name in os.listdir(self.directory):
-            if name.startswith(f"{step}.orbax-checkpoint-tmp"):
-                path = os.path.join(self.directory, name)
-                for _ in range(20):
-                    shutil.rmtree(path, ignore_errors=True)
-                    if not os.path.exists(path):
-                        break
-                    time.sleep(0.1)
+        prefix = f"{step}.orbax-checkpoint-tmp"
+        start = quiet_since = time.monotonic()
+        while (now := time.monotonic()) - quiet_since < quiet_s and now - start < limit_s:
+            partial = [n for n in os.listdir(self.directory) if n.startswith(prefix)]
+            for name in partial:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            if partial:
+                quiet_since = time.monotonic()
+            time.sleep(0.05)
 
     def close(self) -> None:
         self._manager.close()
