@@ -313,20 +313,21 @@ def compensation_weights(ratio, times):
     return jnp.stack([w0, w1, w2])
 
 
-def compensate(buf, ratio, times, valid, weights=None):
+def compensate(buf, ratio, times, valid, weights=None, one=None):
     """Replaces the newest buffered prediction by its compensated value where `valid` (permanently).
 
     `buf` is the stacked buffer (M, ...) of the scan, with a traced `valid`, or the tuple of M arrays of the
-    unrolled steps, with the plan's bool `valid` (then nothing is emitted where it is False) and, optionally, the
-    step's `weights` computed beforehand (`run_unrolled` computes every step's at once). `times` are traced in
-    both: folded into constants, the weights' divisions would round differently (rho = 1 would no longer give
-    exactly (1, 0, 0))."""
+    unrolled steps, with the plan's bool `valid` (then nothing is emitted where it is False), the traced 1 of
+    `_materialize` as `one` and, optionally, the step's `weights` computed beforehand (`run_unrolled` computes
+    every step's at once). `times` are traced in both: folded into constants, the weights' divisions would round
+    differently (rho = 1 would no longer give exactly (1, 0, 0))."""
     if isinstance(buf, tuple):
         if not valid:
             return buf
         w = compensation_weights(ratio, times) if weights is None else weights
         w = w.astype(buf[-1].dtype)
-        return (*buf[:-1], _materialize(w[0] * buf[-1] + w[1] * buf[-2] + w[2] * buf[-3]))
+        new = w[0] * buf[-1] + w[1] * buf[-2] + w[2] * buf[-3]
+        return (*buf[:-1], _materialize(new, one))
     w = compensation_weights(ratio, times).astype(buf.dtype)
     m = buf.shape[0]
     new = w[0] * buf[m - 1] + w[1] * buf[m - 2] + w[2] * buf[m - 3]
@@ -396,20 +397,22 @@ def step(eps_fn, guidance, x, buf, row, ratio, *, dc: bool, evaluate: bool):
     unrolled = isinstance(buf, tuple)
     scalar = float if unrolled else (lambda a: a)
     if dc:
-        buf = compensate(buf, ratio, row["dc_times"], row["dc_valid"], row.get("dc_weights"))
+        buf = compensate(
+            buf, ratio, row["dc_times"], row["dc_valid"], row.get("dc_weights"), row.get("one")
+        )
     x_pred = scalar(row["pred_x"]) * x + _combine(row["pred_m"], buf)
     if unrolled and evaluate:
-        x_pred = _materialize(x_pred)
+        x_pred = _materialize(x_pred, row["one"])
     if not evaluate:
         return x_pred, buf, jnp.array(True)
     t, alpha, sigma = (scalar(row[k]) for k in ("t_next", "alpha_next", "sigma_next"))
     m_new, finite = _data_prediction(eps_fn, guidance, x_pred, t, alpha, sigma, check=not unrolled)
     if unrolled:
-        m_new = _materialize(m_new)
+        m_new = _materialize(m_new, row["one"])
     x_corr = scalar(row["pred_x"]) * x + _combine(row["corr_m"], buf)
     x_corr = x_corr + scalar(row["corr_new"]) * m_new
     if unrolled:
-        x_next = _materialize(x_corr if row["corrector"] > 0 else x_pred)
+        x_next = _materialize(x_corr if row["corrector"] > 0 else x_pred, row["one"])
         return x_next, (*buf[1:], m_new), None
     x_next = jnp.where(row["corrector"] > 0, x_corr, x_pred)
     buf = jnp.concatenate([buf[1:], m_new[None]], axis=0)
@@ -539,24 +542,29 @@ def run_unrolled(
     }
     if dc:  # every step's compensation weights in one small computation, (nfe, 3)
         rows["dc_weights"] = compensation_weights(ratios, dc_times.T).T
+    one = (
+        ratios[0] * 0 + 1
+    )  # a 1 the compiler cannot see (the ratios are finite): see `_materialize`
     t0, alpha0, sigma0 = float(plan.ts[0]), float(plan.alphas[0]), float(plan.sigmas[0])
     m0, _ = _data_prediction(eps_fn, guidance, x_T, t0, alpha0, sigma0, check=False)
-    m0 = _materialize(m0)
+    m0 = _materialize(m0, one)
     m = plan.pred_m.shape[1]
     buf = (*[jnp.zeros_like(x_T)] * (m - 1), m0)
     x = x_T
     for i in range(nfe):
-        row = {k: v[i] for k, v in rows.items()}
+        row = {k: v[i] for k, v in rows.items()} | {"one": one}
         x, buf, _ = step(eps_fn, guidance, x, buf, row, ratios[i], dc=dc, evaluate=i < nfe - 1)
     return x, jnp.all(jnp.isfinite(x))
 
 
-def _materialize(a):
-    """`a` itself (bitwise), written so that XLA computes it once and does not fuse its computation into every
-    consumer: updating its first element with its own value is a root XLA does not duplicate. Without it,
-    XLA:CPU inlines each step's cheap linear combinations into all later ones, recomputing the whole
-    trajectory inside every step (reads quadratic in NFE instead of linear)."""
-    if a.ndim == 0:
-        return a
-    start = (0,) * a.ndim
-    return jax.lax.dynamic_update_slice(a, jax.lax.slice(a, start, (1,) * a.ndim), start)
+def _materialize(a, one):
+    """`a` itself (bitwise: a / 1), written so that XLA computes it once and does not fuse its computation into
+    every consumer. Without it, XLA:CPU inlines each step's cheap linear combinations into all later ones,
+    recomputing the whole trajectory inside every step (reads quadratic in NFE instead of linear).
+
+    `one` is a traced 1 (from the program's inputs), so the division is not folded away, and XLA does not
+    duplicate a division into several consumers: the combination stays one fused loop that ends in the
+    division. (`lax.optimization_barrier` does not stop this fusion on XLA:CPU. The update of a's first
+    element with its own value that stood here before cost a separate small in-place fusion after each
+    combination, 35 more thunks on the critical path of an NFE-10 sampler.)"""
+    return a / one.astype(a.dtype) if a.ndim else a
