@@ -356,12 +356,13 @@ def test_a_partial_checkpoint_recreated_by_a_late_write_is_removed_again(tmp_pat
     # A failed save's other writers keep going: one recreates the temporary directory just after it is removed
     # (the CI failure of 2026-12-06, where '20.orbax-checkpoint-tmp' outlived the error).
     ckpt = runtime.Checkpointer(str(tmp_path / "checkpoints"), 5)
-    partial = tmp_path / "checkpoints" / "15.orbax-checkpoint-tmp" / "ocdbt.process_0" / "d"
+    top = tmp_path / "checkpoints" / "15.orbax-checkpoint-tmp"
+    partial = top / "ocdbt.process_0" / "d"
     partial.mkdir(parents=True)
     recreated = threading.Event()
 
     def late_writer():
-        while partial.exists():
+        while top.exists():  # removed whole, so the removal is over
             time.sleep(0.001)
         partial.mkdir(parents=True)
         (partial / "chunk").write_bytes(b"x" * 100)

@@ -542,9 +542,8 @@ def run_unrolled(
     }
     if dc:  # every step's compensation weights in one small computation, (nfe, 3)
         rows["dc_weights"] = compensation_weights(ratios, dc_times.T).T
-    one = (
-        ratios[0] * 0 + 1
-    )  # a 1 the compiler cannot see (the ratios are finite): see `_materialize`
+    # A 1 that the compiler cannot fold (the ratios are finite), for `_materialize`.
+    one = ratios[0] * 0 + 1
     t0, alpha0, sigma0 = float(plan.ts[0]), float(plan.alphas[0]), float(plan.sigmas[0])
     m0, _ = _data_prediction(eps_fn, guidance, x_T, t0, alpha0, sigma0, check=False)
     m0 = _materialize(m0, one)
