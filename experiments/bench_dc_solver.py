@@ -157,6 +157,40 @@ def scaling(eps_fn, schedule, mixture, points, nfe: int, cfg: float, ratios, rep
     return out
 
 
+def own_cost_intervals(rounds) -> dict:
+    """The own-cost figures of the targets (from medians) with 90% bootstrap intervals over the rounds
+    (`timing.bootstrap`) and each target's verdict on its interval: a difference of two medians of programs
+    of a few milliseconds moves by ~10 points of the model time from run to run on a 2-core VM."""
+    median = lambda t, k: np.median(t[k])
+    own = lambda t, name, model: median(t, name) - median(t, model)
+    out = {}
+    for name in ("ours_unipc", "ours_dc"):
+        ci = timing.bootstrap(
+            lambda t, n=name: own(t, n, "ours_model_alone") / median(t, "ours_model_alone"), rounds
+        )
+        out[f"{name}_own_over_model"] = ci | {"verdict": timing.verdict(ci, at_most=0.25)}
+        if "diffusers_unipc" not in rounds:
+            continue
+        # Ours over theirs (no division by an own cost near zero), reported inverted: 1 / x keeps the order
+        # of positive numbers, so the interval's ends invert with it.
+        ci = timing.bootstrap(
+            lambda t, n=name: (
+                own(t, n, "ours_model_alone") / own(t, "diffusers_unipc", "diffusers_model_alone")
+            ),
+            rounds,
+        )
+        inverted = {
+            "estimate": 1 / ci["estimate"] if ci["estimate"] > 0 else np.inf,
+            "low": 1 / ci["high"] if ci["high"] > 0 else np.inf,
+            "high": 1 / ci["low"] if ci["low"] > 0 else np.inf,
+            "level": ci["level"],
+        }
+        out[f"{name}_own_cost_ratio_vs_diffusers"] = inverted | {
+            "verdict": timing.verdict(ci, at_most=0.1)
+        }
+    return out
+
+
 def main(argv):
     del argv
     record = timing.machine(allow_loaded=FLAGS.allow_loaded_machine)
@@ -208,8 +242,10 @@ def main(argv):
         results["rel_diff_vs_diffusers"] = float(
             np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
         )
-    times = timing.interleaved(fns, FLAGS.repeats)
+    rounds = {}
+    times = timing.interleaved(fns, FLAGS.repeats, rounds=rounds)
     results["times_s"] = times
+    results["rounds_s"] = rounds
     model_t = times["ours_model_alone"]
     own = {}
     for name in ("ours_unipc", "ours_dc"):
@@ -236,6 +272,7 @@ def main(argv):
         results["targets"]["own_cost_10x_below_diffusers (median, DC)"] = (
             results["ours_dc_own_cost_ratio_vs_diffusers"]["median_s"] >= 10
         )
+    results["intervals"] = own_cost_intervals(rounds)
 
     points = [int(p) for p in FLAGS.scaling_points]
     results["scaling_dc"] = scaling(
@@ -288,6 +325,23 @@ def table(r: dict) -> list[str]:
         elif name.endswith("model_alone"):
             note = "the model evaluations alone"
         lines.append(f"  {name:24s} {1e3 * v['min_s']:9.3f} {1e3 * v['median_s']:10.3f}  {note}")
+    if "intervals" in r:
+        level = 100 * next(iter(r["intervals"].values()))["level"]
+        lines.append(f"  the targets with {level:.0f}% bootstrap intervals over the rounds:")
+        for name in ("ours_unipc", "ours_dc"):
+            share = r["intervals"][f"{name}_own_over_model"]
+            pct = lambda k, share=share: f"{100 * share[k]:.0f}%"
+            line = (
+                f"    {name:22s} own cost {pct('estimate')} [{pct('low')}, {pct('high')}] of the model "
+                f"(<= 25%: {share['verdict']})"
+            )
+            if f"{name}_own_cost_ratio_vs_diffusers" in r["intervals"]:
+                ratio = r["intervals"][f"{name}_own_cost_ratio_vs_diffusers"]
+                line += (
+                    f"; {ratio['estimate']:.1f}x [{ratio['low']:.1f}x, {ratio['high']:.1f}x] below "
+                    f"diffusers' (>= 10x: {ratio['verdict']})"
+                )
+            lines.append(line)
     if "max_abs_diff_vs_diffusers" in r:
         lines.append(
             f"  our UniPC vs diffusers: max |diff| {r['max_abs_diff_vs_diffusers']:.2e} (float32)"

@@ -184,7 +184,10 @@ def time_calls(fn: Callable[[], object], repeats: int, calls: int = 1) -> dict[s
 
 
 def interleaved(
-    fns: Mapping[str, Callable[[], object]], repeats: int, settle: int = 0
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int,
+    settle: int = 0,
+    rounds: dict | None = None,
 ) -> dict[str, dict[str, float]]:
     """`time_calls` for several peers, timed in turn within every repeat and in alternating order.
 
@@ -194,6 +197,10 @@ def interleaved(
     pause): the steady state of a loop that runs its calls back to back, as training steps do. It matters on
     some VMs: on the Zen 5 VM (2026-12-04) the scaled-MLP train step's first call after an idle pause of
     0.1-1 s took 15-25 ms (~25%) longer than the calls after it, while its matmuls alone did not slow.
+
+    Returns {peer: {"min_s", "median_s"}}. Pass a dict as `rounds` to also get every timed call, {peer: [the
+    seconds of round 0, 1, ...]}: a round's calls are neighbours in time, so `bootstrap` can resample rounds
+    for a confidence interval of a ratio between peers.
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
@@ -207,9 +214,53 @@ def interleaved(
             start = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - start)
+    if rounds is not None:
+        rounds.update(times)
     return {
         k: {"min_s": float(np.min(v)), "median_s": float(np.median(v))} for k, v in times.items()
     }
+
+
+def bootstrap(
+    statistic: Callable[[Mapping[str, np.ndarray]], float],
+    rounds: Mapping[str, Sequence[float]],
+    level: float = 0.9,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """A statistic of interleaved timings with a bootstrap confidence interval.
+
+    `rounds` are `interleaved`'s per-round times ({peer: seconds of round 0, 1, ...}); `statistic` maps such a
+    dict of arrays to a number (say, one peer's median over another's). The rounds are resampled with
+    replacement, whole: every peer keeps the calls of the same rounds, so a slow stretch of the machine that hit
+    both peers of a ratio stays paired. Returns {"estimate" (the statistic of the rounds themselves), "low",
+    "high" (the percentile interval holding `level` of the resampled statistics), "level"}.
+    """
+    arrays = {k: np.asarray(v, np.float64) for k, v in rounds.items()}
+    (n,) = {len(v) for v in arrays.values()}
+    rng = np.random.default_rng(seed)
+    samples = [
+        statistic({k: v[idx] for k, v in arrays.items()})
+        for idx in rng.integers(0, n, size=(resamples, n))
+    ]
+    low, high = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
+    return {
+        "estimate": float(statistic(arrays)),
+        "low": float(low),
+        "high": float(high),
+        "level": level,
+    }
+
+
+def verdict(
+    interval: Mapping[str, float], at_most: float | None = None, at_least: float | None = None
+) -> str:
+    """ "met", "not met" or "within the noise": whether a target's bound holds for the whole `bootstrap`
+    interval, for none of it, or only for part of it."""
+    low, high = interval["low"], interval["high"]
+    if at_most is not None:
+        return "met" if high <= at_most else "not met" if low > at_most else "within the noise"
+    return "met" if low >= at_least else "not met" if high < at_least else "within the noise"
 
 
 def matmuls_alone(shapes: Sequence[tuple[int, int, int]], seed: int = 0) -> Callable[[], object]:

@@ -1,6 +1,7 @@
 """The benchmarks' machine record: a busy machine is refused unless allowed, and then marked; cores that slow
 each other down are measured and warned about."""
 
+import numpy as np
 import pytest
 from theorax.experiments import timing
 
@@ -67,3 +68,53 @@ def test_thunk_profile_names_the_matmuls_and_the_rest():
     assert rows and all(r["ms_per_call"] >= 0 and r["count_per_call"] > 0 for r in rows)
     assert any(r["matmul"] for r in rows)
     assert all(r["op_name"].startswith("jit(") for r in rows if r["matmul"])
+
+
+def test_interleaved_hands_back_every_round_in_order(monkeypatch):
+    clock = iter(range(100))
+    monkeypatch.setattr(timing.time, "sleep", lambda s: None)
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)))
+    rounds = {}
+    out = timing.interleaved({"a": lambda: None, "b": lambda: None}, 3, rounds=rounds)
+    assert set(rounds) == {"a", "b"} and all(len(v) == 3 for v in rounds.values())
+    assert out["a"]["median_s"] == np.median(rounds["a"])
+
+
+def test_bootstrap_keeps_the_rounds_paired():
+    """A peer twice as slow as another, both slowed alike by a machine that drifts 3x over the run: the ratio's
+    interval is tight around 2 because resampling keeps each round's two calls together; the same times with
+    the pairing broken (one peer's rounds shuffled) give an interval many times wider."""
+    rng = np.random.default_rng(0)
+    drift = np.linspace(1.0, 3.0, 40)
+    rounds = {
+        "fast": drift * (1 + 0.01 * rng.standard_normal(40)),
+        "slow": 2 * drift * (1 + 0.01 * rng.standard_normal(40)),
+    }
+    ratio = lambda t: np.median(t["slow"]) / np.median(t["fast"])
+    paired = timing.bootstrap(ratio, rounds)
+    assert paired["low"] <= 2 <= paired["high"] and paired["high"] - paired["low"] < 0.1
+    assert paired["estimate"] == ratio(rounds) and paired["level"] == 0.9
+    unpaired = timing.bootstrap(ratio, {**rounds, "fast": rng.permutation(rounds["fast"])})
+    assert unpaired["high"] - unpaired["low"] > 5 * (paired["high"] - paired["low"])
+
+
+def test_bootstrap_interval_covers_the_true_median_about_as_often_as_its_level():
+    """The 90% interval of a median from 30 draws of an exponential (true median log 2) holds it in roughly
+    90% of 200 independent data sets (a percentile bootstrap of a median runs a little off its level)."""
+    rng = np.random.default_rng(1)
+    hits = 0
+    for seed in range(200):
+        draws = {"t": rng.exponential(size=30)}
+        ci = timing.bootstrap(lambda t: np.median(t["t"]), draws, resamples=400, seed=seed)
+        hits += ci["low"] <= np.log(2) <= ci["high"]
+    assert 0.8 <= hits / 200 <= 0.97
+
+
+def test_verdict_needs_the_whole_interval_on_one_side_of_the_bound():
+    ci = lambda low, high: {"low": low, "high": high}
+    assert timing.verdict(ci(0.18, 0.24), at_most=0.25) == "met"
+    assert timing.verdict(ci(0.20, 0.31), at_most=0.25) == "within the noise"
+    assert timing.verdict(ci(0.26, 0.31), at_most=0.25) == "not met"
+    assert timing.verdict(ci(1.12, 1.3), at_least=1.10) == "met"
+    assert timing.verdict(ci(1.02, 1.12), at_least=1.10) == "within the noise"
+    assert timing.verdict(ci(0.95, 1.05), at_least=1.10) == "not met"
