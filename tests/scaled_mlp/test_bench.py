@@ -75,3 +75,24 @@ def test_update_alone_is_the_optimisers_update_carried_from_call_to_call():
     assert not np.allclose(
         got[1]["params"]["linear_in"]["kernel"], params["params"]["linear_in"]["kernel"]
     )
+
+
+def test_target_intervals_decide_only_outside_the_noise():
+    rng = np.random.default_rng(0)
+    floor = 0.1 * (1 + 0.01 * rng.standard_normal(30))
+    rounds = {
+        "matmul_floor": floor,
+        "update_floor": 0.01 * (1 + 0.01 * rng.standard_normal(30)),
+        "theorax": 1.1 * floor * (1 + 0.01 * rng.standard_normal(30)),
+        "torch_compile": 1.2 * 1.1 * floor * (1 + 0.01 * rng.standard_normal(30)),
+    }
+    out = bench_scaled_mlp.target_intervals(rounds)
+    floor_ci, speedup = out["step_over_matmul_floor"], out["speedup_vs_torch_compile"]
+    assert floor_ci["low"] < 1.1 < floor_ci["high"] < 1.15 and floor_ci["verdict"] == "met"
+    assert speedup["low"] < 1.2 < speedup["high"] and speedup["verdict"] == "met"
+    assert np.isclose(out["step_over_matmul_and_update_floors"]["estimate"], 1.0, rtol=0.02)
+    # A peer level with the step within 10% noise: the 1.10x target is not decided either way.
+    rounds["torch_compile"] = rounds["theorax"] * (1.09 + 0.1 * rng.standard_normal(30))
+    assert bench_scaled_mlp.target_intervals(rounds)["speedup_vs_torch_compile"]["verdict"] == (
+        "within the noise"
+    )
