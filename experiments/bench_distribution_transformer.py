@@ -192,13 +192,21 @@ def latencies(task, prob, repeats: int, trained=None, peers: bool = True) -> dic
     if peers:
         torch_fns, info = torch_twin_calls(model, params, prob, q)
         fns |= torch_fns
-    times = timing.interleaved(fns, repeats)
-    out = {"times_s": times, **info}
+    rounds = {}
+    times = timing.interleaved(fns, repeats, rounds=rounds)
+    out = {"problems": int(prob.target.shape[0]), "times_s": times, "rounds_s": rounds, **info}
     ours = times["dt5"]
     out["dt5_over_matmul_floor"] = {k: ours[k] / times["dt5_matmul_floor"][k] for k in ours}
+    # The targets with 90% bootstrap intervals over the rounds and a verdict on each (`timing.verdict`).
+    ci = timing.bootstrap(lambda t: np.median(t["dt5"]), rounds)
+    out["intervals"] = {"dt5_median_s": ci | {"verdict": timing.verdict(ci, at_most=0.05)}}
     for name in ("torch_eager", "torch_compile"):
         if name in times:
             out[f"speedup_vs_{name}"] = {k: times[name][k] / ours[k] for k in ours}
+            ci = timing.bootstrap(lambda t, n=name: np.median(t[n]) / np.median(t["dt5"]), rounds)
+            out["intervals"][f"speedup_vs_{name}"] = ci | {
+                "verdict": timing.verdict(ci, at_least=1.0)
+            }
     return out
 
 
@@ -266,14 +274,27 @@ def _latency_rows(lat: dict) -> list[tuple[str, str, str, str]]:
             f"DT-5 is {lat['dt5_over_matmul_floor']['median_s']:.2f}x its floor",
         ),
     }
+    iv = lat.get("intervals", {})
+    if "dt5_median_s" in iv:
+        ci = iv["dt5_median_s"]
+        notes["dt5"] = (
+            notes["dt5"][0],
+            f"median's 90% interval [{1e3 * ci['low']:.1f}, {1e3 * ci['high']:.1f}] ms, "
+            f"< 50 ms: {ci['verdict']}",
+        )
     for name in ("torch_eager", "torch_compile"):
         if f"speedup_vs_{name}" in lat:
-            notes[name] = ("", f"DT-5 is {lat[f'speedup_vs_{name}']['median_s']:.2f}x faster")
+            note = f"DT-5 is {lat[f'speedup_vs_{name}']['median_s']:.2f}x faster"
+            if f"speedup_vs_{name}" in iv:
+                ci = iv[f"speedup_vs_{name}"]
+                note += f" [{ci['low']:.2f}, {ci['high']:.2f}], faster: {ci['verdict']}"
+            notes[name] = ("", note)
     rows = []
     for name, t in lat["times_s"].items():
         target, note = notes.get(name, ("", ""))
+        batch = f"{name}, batch of {lat.get('problems', 1000)}"
         rows.append(
-            (f"{name}, batch of 1000 ({note})" if note else f"{name}, batch of 1000",
+            (f"{batch} ({note})" if note else batch,
              f"{1e3 * t['min_s']:.1f} ms (median {1e3 * t['median_s']:.1f})", "-", target)
         )  # fmt: skip
     return rows
