@@ -7,7 +7,8 @@ It first records the machine (`timing.machine`: load, CPU, cores, versions) and 
 load is above 0.5, unless `--allow_loaded_machine` (then every figure is marked as taken under load). Float32 on
 the CPU (both sides), on the analytic class-conditional Gaussian mixture of the `cpu` preset (64 dimensions, 10
 classes x 3 components), classifier-free guidance 7.5 (two model evaluations per step). Timed interleaved after
-warm-up (min and median over `--repeats` rounds):
+warm-up (min and median over `--repeats` rounds; each timed call is the first after a 0.3 s pause, or with
+`--settle=1` comes right after one untimed call of the same program, as when sampling batch after batch):
 
 * `ours_unipc`, `ours_dc`: NFE-10 sampling of `--points` points with `sample(solver="unipc")` and
   `sample(solver="dc")` (the whole call: host-side checks, the program, the non-finite flag read back);
@@ -52,6 +53,13 @@ def _define_flags() -> None:
     flags.DEFINE_float("cfg", 7.5, "Guidance scale.")
     flags.DEFINE_integer(
         "repeats", 30, "Interleaved rounds; min and median over them.", lower_bound=1
+    )
+    flags.DEFINE_integer(
+        "settle",
+        0,
+        "Untimed calls of the same program right before each timed one, after the pause (0: time the first "
+        "call after it; 1: a sampler called back to back, batch after batch).",
+        lower_bound=0,
     )
     flags.DEFINE_bool("torch", True, "Also time diffusers' scheduler loop.")
     flags.DEFINE_list(
@@ -231,6 +239,7 @@ def main(argv):
         "nfe": nfe,
         "cfg": FLAGS.cfg,
         "repeats": FLAGS.repeats,
+        "settle": FLAGS.settle,
         "model_evaluations": 2 * nfe,
     }
     if FLAGS.torch:
@@ -243,7 +252,7 @@ def main(argv):
             np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
         )
     rounds = {}
-    times = timing.interleaved(fns, FLAGS.repeats, rounds=rounds)
+    times = timing.interleaved(fns, FLAGS.repeats, FLAGS.settle, rounds=rounds)
     results["times_s"] = times
     results["rounds_s"] = rounds
     model_t = times["ours_model_alone"]
@@ -301,7 +310,8 @@ def table(r: dict) -> list[str]:
     t = r["times_s"]
     lines = [
         f"NFE-{r['nfe']} sampling of {r['points']} x {r['dim']}, CFG {r['cfg']} "
-        f"({r['model_evaluations']} model evaluations), {r['repeats']} interleaved rounds:"
+        f"({r['model_evaluations']} model evaluations), {r['repeats']} interleaved rounds, each timed call "
+        f"after {r.get('settle', 0)} untimed:"
     ]
     if r["under_load"]:
         lines.append(
