@@ -20,8 +20,8 @@ warm-up (min and median over `--repeats` rounds; each timed call is the first af
 * `diffusers_model_alone`: that loop's model evaluations alone (the same calls, in the same Python loop).
 
 A sampler's own cost is its time minus its model's (`*_own_s`, from medians and from minima); the targets are
-ours at most 25% of the model time and at least 10x below diffusers' own cost; the end-to-end ratio is reported
-beside them. Then scaling: our DC-Solver's time and memory (`memory_analysis()` of the compiled program) at
+ours at most 25% of the model time and at least 10x below diffusers' own cost, each also judged on a 90%
+bootstrap interval over the rounds (`own_cost_intervals`); the end-to-end ratio is reported beside them. Then scaling: our DC-Solver's time and memory (`memory_analysis()` of the compiled program) at
 1,000, 10,000 and 100,000 points (`--scaling_points`), and the NFE-10 ratio search on 10 datapoints, cold (with
 compilation) and warm. Writes `OUT/dc_solver.json` and prints a table.
 """
@@ -251,8 +251,8 @@ def main(argv):
         results["rel_diff_vs_diffusers"] = float(
             np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
         )
-    rounds = {}
-    times = timing.interleaved(fns, FLAGS.repeats, FLAGS.settle, rounds=rounds)
+    rounds = timing.interleaved_rounds(fns, FLAGS.repeats, FLAGS.settle)
+    times = timing.summarize(rounds)
     results["times_s"] = times
     results["rounds_s"] = rounds
     model_t = times["ours_model_alone"]

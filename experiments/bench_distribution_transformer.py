@@ -192,8 +192,8 @@ def latencies(task, prob, repeats: int, trained=None, peers: bool = True) -> dic
     if peers:
         torch_fns, info = torch_twin_calls(model, params, prob, q)
         fns |= torch_fns
-    rounds = {}
-    times = timing.interleaved(fns, repeats, rounds=rounds)
+    rounds = timing.interleaved_rounds(fns, repeats)
+    times = timing.summarize(rounds)
     out = {"problems": int(prob.target.shape[0]), "times_s": times, "rounds_s": rounds, **info}
     ours = times["dt5"]
     out["dt5_over_matmul_floor"] = {k: ours[k] / times["dt5_matmul_floor"][k] for k in ours}

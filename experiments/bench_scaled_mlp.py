@@ -440,8 +440,8 @@ def benchmark(settings: Settings) -> dict:
             depth, width, expansion, num_classes, res, images_np, labels_np
         )
         fns |= torch_fns
-    rounds = {}
-    times = timing.interleaved(fns, settings.repeats, settings.settle, rounds=rounds)
+    rounds = timing.interleaved_rounds(fns, settings.repeats, settings.settle)
+    times = timing.summarize(rounds)
     full, floor = times["theorax"], times["matmul_floor"]
     machine_rate = max(peak.values())
     result = {

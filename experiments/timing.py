@@ -184,23 +184,26 @@ def time_calls(fn: Callable[[], object], repeats: int, calls: int = 1) -> dict[s
 
 
 def interleaved(
-    fns: Mapping[str, Callable[[], object]],
-    repeats: int,
-    settle: int = 0,
-    rounds: dict | None = None,
+    fns: Mapping[str, Callable[[], object]], repeats: int, settle: int = 0
 ) -> dict[str, dict[str, float]]:
-    """`time_calls` for several peers, timed in turn within every repeat and in alternating order.
+    """`time_calls` for several peers, timed in turn within every repeat and in alternating order: {peer:
+    {"min_s", "median_s"}} (`summarize` of `interleaved_rounds`, which says how)."""
+    return summarize(interleaved_rounds(fns, repeats, settle))
+
+
+def interleaved_rounds(
+    fns: Mapping[str, Callable[[], object]], repeats: int, settle: int = 0
+) -> dict[str, list[float]]:
+    """Every peer's seconds in every round, {peer: [round 0, round 1, ...]}: the peers timed in turn within
+    each round, in alternating order, a pause before each call.
 
     Load from other processes then hits them alike, and the pause before each call lets the previous library's
     idle worker threads (torch's OpenMP pool spins for a while after a call) stop before the next one starts.
-    With `settle`, each timed call comes right after that many untimed calls of the same peer (after the
-    pause): the steady state of a loop that runs its calls back to back, as training steps do. It matters on
-    some VMs: on the Zen 5 VM (2026-12-04) the scaled-MLP train step's first call after an idle pause of
-    0.1-1 s took 15-25 ms (~25%) longer than the calls after it, while its matmuls alone did not slow.
-
-    Returns {peer: {"min_s", "median_s"}}. Pass a dict as `rounds` to also get every timed call, {peer: [the
-    seconds of round 0, 1, ...]}: a round's calls are neighbours in time, so `bootstrap` can resample rounds
-    for a confidence interval of a ratio between peers.
+    A round's calls are neighbours in time, so `bootstrap` can resample whole rounds for an interval of a ratio
+    between peers. With `settle`, each timed call comes right after that many untimed calls of the same peer
+    (after the pause): the steady state of a loop that runs its calls back to back, as training steps do. It
+    matters on some VMs: on the Zen 5 VM (2026-12-04) the scaled-MLP train step's first call after an idle pause
+    of 0.1-1 s took 15-25 ms (~25%) longer than the calls after it, while its matmuls alone did not slow.
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
@@ -214,10 +217,13 @@ def interleaved(
             start = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - start)
-    if rounds is not None:
-        rounds.update(times)
+    return times
+
+
+def summarize(rounds: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float]]:
+    """{peer: {"min_s", "median_s"}} of `interleaved_rounds`' times."""
     return {
-        k: {"min_s": float(np.min(v)), "median_s": float(np.median(v))} for k, v in times.items()
+        k: {"min_s": float(np.min(v)), "median_s": float(np.median(v))} for k, v in rounds.items()
     }
 
 

@@ -70,14 +70,15 @@ def test_thunk_profile_names_the_matmuls_and_the_rest():
     assert all(r["op_name"].startswith("jit(") for r in rows if r["matmul"])
 
 
-def test_interleaved_hands_back_every_round_in_order(monkeypatch):
-    clock = iter(range(100))
+def test_interleaved_rounds_attribute_each_call_to_its_peer(monkeypatch):
+    clock = [0.0]
     monkeypatch.setattr(timing.time, "sleep", lambda s: None)
-    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)))
-    rounds = {}
-    out = timing.interleaved({"a": lambda: None, "b": lambda: None}, 3, rounds=rounds)
-    assert set(rounds) == {"a", "b"} and all(len(v) == 3 for v in rounds.values())
-    assert out["a"]["median_s"] == np.median(rounds["a"])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    # Peer a's calls take 1 s of the fake clock, b's 2 s.
+    ticks = lambda d: lambda: clock.__setitem__(0, clock[0] + d)
+    rounds = timing.interleaved_rounds({"a": ticks(1.0), "b": ticks(2.0)}, 3)
+    assert rounds == {"a": [1.0, 1.0, 1.0], "b": [2.0, 2.0, 2.0]}
+    assert timing.summarize({"a": [3.0, 1.0, 2.0]}) == {"a": {"min_s": 1.0, "median_s": 2.0}}
 
 
 def test_bootstrap_keeps_the_rounds_paired():
