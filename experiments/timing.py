@@ -7,7 +7,8 @@ A timing taken while anything else runs is not a result: PyTorch's OpenMP thread
 shared, which once made a lead look 40x bigger than it was. So every bench starts with `machine(...)`, which
 reads the 1-minute load average and refuses to go on above `LOAD_LIMIT` unless the user says
 `--allow_loaded_machine`; the record it returns (load, CPU, cores, library versions, whether the figures were
-taken under load, and `core_rates`) goes into the bench's JSON beside its figures.
+taken under load, and `core_rates`) goes into the bench's JSON beside its figures. `write_results` adds what
+other processes took of the cores during the run (`foreign_cpu`) and marks a run that shared them.
 
 On a VM the load average does not see the host: a busy host (or two vCPUs that are one core's hyperthreads)
 slows every core while the load stays near 0, and threaded peers (torch's OpenMP) suffer more than others.
@@ -32,6 +33,9 @@ import numpy as np
 
 LOAD_LIMIT = 0.5  # 1-minute load average above which a bench refuses to run unless allowed
 CORE_SHARE_WARN = 0.8  # every core at once below this fraction of one core's rate alone: warn
+FOREIGN_CPU_LIMIT = (
+    0.1  # other processes' share of every core during a run above which it is not a result
+)
 
 # argv: the CPU to run on, the wall-clock time to start at, the seconds to run. Prints matmuls per second.
 _CORE_PROBE = """
@@ -155,13 +159,84 @@ def machine(
         "torch": _version("torch"),
         "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
         "when": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu_at_start": cpu_seconds(),
+    }
+
+
+def cpu_seconds() -> dict | None:
+    """Where the machine's CPU time has gone so far: {"wall" (seconds, monotonic), "busy_s" (CPU seconds all
+    cores have been busy since boot: user, nice, system, irq and softirq in /proc/stat; not idle, iowait or the
+    host's steal), "ours_s" (CPU seconds of this process and every process below it: each one's own time and its
+    reaped children's, from /proc/<pid>/stat)}. None where there is no /proc (not Linux)."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+        parents, cpu = {}, {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:  # the process ended meanwhile
+                continue
+            fields = stat[
+                stat.rindex(")") + 2 :
+            ].split()  # fields from the 3rd on (the name may hold spaces)
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+            cpu[int(entry)] = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    except (OSError, ValueError):
+        return None
+    ours, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        ours += cpu.get(pid, 0)
+        todo += parents.get(pid, [])
+    return {
+        "wall": time.monotonic(),
+        "busy_s": (user + nice + system + irq + softirq) / tick,
+        "ours_s": ours / tick,
+    }
+
+
+def foreign_cpu(start: Mapping[str, float] | None) -> dict | None:
+    """What other processes took of the cores since `start` (a `cpu_seconds()` record): {"seconds", "share" (of
+    every core over the wall time)}. The load average only says what ran when a bench started; this catches a
+    test suite, a training job or another bench that started beside it. A little is the kernel's own threads."""
+    end = cpu_seconds()
+    if start is None or end is None or end["wall"] <= start["wall"]:
+        return None
+    foreign = (end["busy_s"] - start["busy_s"]) - (end["ours_s"] - start["ours_s"])
+    foreign = max(0.0, foreign)
+    return {
+        "seconds": foreign,
+        "share": foreign / ((end["wall"] - start["wall"]) * (os.cpu_count() or 1)),
     }
 
 
 def write_results(out: str, filename: str, result: dict, lines: Sequence[str]) -> str:
-    """Writes a bench's `result` as JSON to `out/filename`, prints its table `lines`; returns the path."""
+    """Writes a bench's `result` as JSON to `out/filename`, prints its table `lines`; returns the path.
+
+    When `result["machine"]` is `machine()`'s record, it first adds what other processes took of the cores
+    since then (`foreign_cpu`); above `FOREIGN_CPU_LIMIT` the result is marked `under_load` and the table says
+    its figures are not results."""
     import json
 
+    record = result.get("machine")
+    if isinstance(record, dict) and "cpu_at_start" in record:
+        foreign = record["foreign_cpu"] = foreign_cpu(record["cpu_at_start"])
+        if foreign is not None:
+            lines = [
+                *lines,
+                f"other processes took {foreign['share']:.1%} of the cores during the run",
+            ]
+            if foreign["share"] > FOREIGN_CPU_LIMIT:
+                result["under_load"] = record["under_load"] = True
+                lines[-1] = (
+                    f"!! OTHER PROCESSES TOOK {foreign['share']:.0%} OF THE CORES DURING THE RUN (> "
+                    f"{FOREIGN_CPU_LIMIT:.0%}): these figures are not results"
+                )
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, filename)
     with open(path, "w") as f:

@@ -119,3 +119,48 @@ def test_verdict_needs_the_whole_interval_on_one_side_of_the_bound():
     assert timing.verdict(ci(1.12, 1.3), at_least=1.10) == "met"
     assert timing.verdict(ci(1.02, 1.12), at_least=1.10) == "within the noise"
     assert timing.verdict(ci(0.95, 1.05), at_least=1.10) == "not met"
+
+
+_BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}:\n    pass\n"
+
+
+def test_cpu_seconds_counts_our_children_as_ours_and_foreign_cpu_the_rest(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    start = timing.cpu_seconds()
+    if start is None:
+        pytest.skip("no /proc")
+    # A child of ours burns 0.6 s of CPU: ours.
+    subprocess.run([sys.executable, "-c", _BURN.format(s=0.6)], check=True)
+    middle = timing.cpu_seconds()
+    assert middle["ours_s"] - start["ours_s"] >= 0.5
+    # A process that is not below us (its parent exits at once, so it is reparented) burns 0.8 s: foreign.
+    done = tmp_path / "done"
+    burner = _BURN.format(s=0.8) + f"open({str(done)!r}, 'w').close()\n"
+    launcher = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {burner!r}])"
+    subprocess.run([sys.executable, "-c", launcher], check=True)
+    while not done.exists():
+        time.sleep(0.05)
+    end = timing.cpu_seconds()
+    assert end["ours_s"] - middle["ours_s"] < 0.5  # polling, not burning
+    foreign = timing.foreign_cpu(middle)
+    assert foreign["seconds"] >= 0.7 and 0 < foreign["share"] <= 1
+
+
+def test_write_results_marks_a_run_that_shared_the_cores(tmp_path, monkeypatch, capsys):
+    import json
+
+    record = {"under_load": False, "cpu_at_start": {"wall": 0.0, "busy_s": 0.0, "ours_s": 0.0}}
+    for share, marked in ((0.02, False), (0.4, True)):
+        monkeypatch.setattr(
+            timing, "foreign_cpu", lambda start, s=share: {"seconds": 1.0, "share": s}
+        )
+        result = {"machine": dict(record), "under_load": False}
+        path = timing.write_results(str(tmp_path), "r.json", result, ["table"])
+        saved = json.load(open(path))
+        assert saved["under_load"] is marked and saved["machine"]["under_load"] is marked
+        assert saved["machine"]["foreign_cpu"]["share"] == share
+        out = capsys.readouterr().out
+        assert ("not results" in out) is marked and "of the cores during the run" in out.lower()
