@@ -197,16 +197,16 @@ def latencies(task, prob, repeats: int, trained=None, peers: bool = True) -> dic
     out = {"problems": int(prob.target.shape[0]), "times_s": times, "rounds_s": rounds, **info}
     ours = times["dt5"]
     out["dt5_over_matmul_floor"] = {k: ours[k] / times["dt5_matmul_floor"][k] for k in ours}
-    # The targets with 90% bootstrap intervals over the rounds and a verdict on each (`timing.verdict`).
-    ci = timing.bootstrap(lambda t: np.median(t["dt5"]), rounds)
-    out["intervals"] = {"dt5_median_s": ci | {"verdict": timing.verdict(ci, at_most=0.05)}}
+    # The targets with 90% bootstrap intervals over the rounds and a verdict on each (`timing.judge`).
+    out["intervals"] = {
+        "dt5_median_s": timing.judge(lambda t: np.median(t["dt5"]), rounds, at_most=0.05)
+    }
     for name in ("torch_eager", "torch_compile"):
         if name in times:
             out[f"speedup_vs_{name}"] = {k: times[name][k] / ours[k] for k in ours}
-            ci = timing.bootstrap(lambda t, n=name: np.median(t[n]) / np.median(t["dt5"]), rounds)
-            out["intervals"][f"speedup_vs_{name}"] = ci | {
-                "verdict": timing.verdict(ci, at_least=1.0)
-            }
+            out["intervals"][f"speedup_vs_{name}"] = timing.judge(
+                lambda t, n=name: np.median(t[n]) / np.median(t["dt5"]), rounds, at_least=1.0
+            )
     return out
 
 

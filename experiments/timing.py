@@ -33,9 +33,8 @@ import numpy as np
 
 LOAD_LIMIT = 0.5  # 1-minute load average above which a bench refuses to run unless allowed
 CORE_SHARE_WARN = 0.8  # every core at once below this fraction of one core's rate alone: warn
-FOREIGN_CPU_LIMIT = (
-    0.1  # other processes' share of every core during a run above which it is not a result
-)
+# Other processes' share of every core during a run above which the run's figures are not results.
+FOREIGN_CPU_LIMIT = 0.1
 
 # argv: the CPU to run on, the wall-clock time to start at, the seconds to run. Prints matmuls per second.
 _CORE_PROBE = """
@@ -181,9 +180,8 @@ def cpu_seconds() -> dict | None:
                     stat = f.read()
             except OSError:  # the process ended meanwhile
                 continue
-            fields = stat[
-                stat.rindex(")") + 2 :
-            ].split()  # fields from the 3rd on (the name may hold spaces)
+            # The fields from the 3rd on (the 2nd, the name in parentheses, may hold spaces).
+            fields = stat[stat.rindex(")") + 2 :].split()
             parents.setdefault(int(fields[1]), []).append(int(entry))
             cpu[int(entry)] = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
     except (OSError, ValueError):
@@ -226,17 +224,18 @@ def write_results(out: str, filename: str, result: dict, lines: Sequence[str]) -
     record = result.get("machine")
     if isinstance(record, dict) and "cpu_at_start" in record:
         foreign = record["foreign_cpu"] = foreign_cpu(record["cpu_at_start"])
-        if foreign is not None:
+        if foreign is not None and foreign["share"] > FOREIGN_CPU_LIMIT:
+            result["under_load"] = record["under_load"] = True
+            lines = [
+                *lines,
+                f"!! OTHER PROCESSES TOOK {foreign['share']:.0%} OF THE CORES DURING THE RUN (> "
+                f"{FOREIGN_CPU_LIMIT:.0%}): these figures are not results",
+            ]
+        elif foreign is not None:
             lines = [
                 *lines,
                 f"other processes took {foreign['share']:.1%} of the cores during the run",
             ]
-            if foreign["share"] > FOREIGN_CPU_LIMIT:
-                result["under_load"] = record["under_load"] = True
-                lines[-1] = (
-                    f"!! OTHER PROCESSES TOOK {foreign['share']:.0%} OF THE CORES DURING THE RUN (> "
-                    f"{FOREIGN_CPU_LIMIT:.0%}): these figures are not results"
-                )
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, filename)
     with open(path, "w") as f:
@@ -331,6 +330,19 @@ def bootstrap(
         "high": float(high),
         "level": level,
     }
+
+
+def judge(
+    statistic: Callable[[Mapping[str, np.ndarray]], float],
+    rounds: Mapping[str, Sequence[float]],
+    *,
+    at_most: float | None = None,
+    at_least: float | None = None,
+) -> dict:
+    """`bootstrap(statistic, rounds)` with the `verdict` of the target `statistic <= at_most` (or `>= at_least`)
+    on its interval, as "verdict"."""
+    interval = bootstrap(statistic, rounds)
+    return interval | {"verdict": verdict(interval, at_most, at_least)}
 
 
 def verdict(
